@@ -1,0 +1,173 @@
+"""The configuration of one `roma-tune run`: every field, its default and its help text.
+
+Defaults follow the authors' code (AdamW, lr 7e-5, weight decay 0.01, 3 epochs, batch 32,
+lambda 0.8 with linear warm-up, sigma 0.4) and the paper's best ablation (last 5 routers,
+k = 3 nearest successful neighbours). Tiny models need a much larger learning rate
+(1e-3 to 1e-2). The whole config is saved with the run (``RUN_DIR/config.json``) and inside
+the delta file's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCORING_CHOICES = ("letter", "loglik")
+REFRESH_CHOICES = ("epoch", "never")
+DTYPE_CHOICES = ("bfloat16", "float32")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+LAYERS_RE = re.compile(r"all|last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
+
+# Fields that do not change what a run computes, left out of the hash that keys its caches.
+_NOT_HASHED = {"out", "resume", "device"}
+
+
+class ConfigError(ValueError):
+    """A run option is invalid; the message names the flag."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TuneConfig:
+    """Everything that defines a RoMA router-tuning run."""
+
+    model: str = _f("", "Hugging Face MoE checkpoint: a local folder or a Hub name.")
+    data: str = _f(
+        "",
+        "Training data: .jsonl/.json/.csv file, hf:NAME[:CONFIG]:SPLIT or a datasets folder. "
+        "Rows: {question, choices, answer[, task]} or {prompt, completion}.",
+    )
+    out: str = _f("", "Run directory: deltas, config.json, log, caches and checkpoints.")
+    val: str | None = _f(None, "Optional validation data (same formats): accuracy each epoch.")
+    scoring: str = _f(
+        "letter",
+        "Multiple-choice scoring: 'letter' (letters listed in the prompt, CE over the letter "
+        "tokens) or 'loglik' (each choice a continuation, CE over summed log-likelihoods).",
+    )
+    template: str | None = _f(
+        None,
+        "Prompt template with {question}/{prompt}, {choices}, {task}; a file path or the text. "
+        "Default: 'Question: {question}\\n{choices}\\nAnswer:' (letter), "
+        "'Question: {question}\\nAnswer:' (loglik), '{prompt}' (free-form).",
+    )
+    chat_template: bool = _f(False, "Wrap the rendered prompt in the model's chat template.")
+    layers: str | None = _f(
+        None,
+        "Routers to tune: 'all', 'lastN', or layer indices such as '12,13,15' or '10-15'. "
+        "Default: the last 5 MoE layers (all of them when the model has fewer).",
+    )
+    k: int = _f(3, "Nearest successful neighbours per sample (the paper's best is 3).")
+    eps: float | None = _f(
+        None, "Use an epsilon-ball instead of kNN: every successful sample with cosine >= EPS."
+    )
+    sigma: float = _f(0.4, "Gaussian kernel width over cosine distance: exp(-d^2 / 2 sigma^2).")
+    lam: float = _f(0.8, "Weight lambda of the manifold term; 0 gives plain router tuning.")
+    lr: float = _f(7e-5, "AdamW learning rate (tiny models need ~1e-3 or more).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    epochs: int = _f(3, "Training epochs.")
+    batch_size: int = _f(32, "Samples per optimiser step.")
+    warmup: float = _f(0.1, "Fraction of steps over which lr and lambda rise linearly from 0.")
+    refresh: str = _f(
+        "epoch",
+        "'epoch': recompute neighbours' routing vectors and the successful set with the "
+        "current routers at the start of each epoch; 'never': keep the initial snapshot.",
+    )
+    seed: int = _f(0, "Random seed: the same seed gives the same deltas.")
+    dtype: str = _f("bfloat16", "dtype of the frozen weights (routers always train in float32).")
+    cache_prefix: bool = _f(
+        False,
+        "Store the hidden states entering the lowest tuned layer on disk and reuse them "
+        "instead of recomputing the frozen layers below it.",
+    )
+    embedder: str = _f(
+        DEFAULT_EMBEDDER, "sentence-transformers model for task embeddings (name or path)."
+    )
+    skip_bad_rows: bool = _f(False, "Skip and count bad data rows instead of stopping.")
+    limit: int | None = _f(None, "Use only the first N training rows.")
+    resume: bool = _f(False, "Continue an interrupted run from its last epoch checkpoint.")
+    trust_remote_code: bool = _f(
+        False, "Allow the checkpoint's own modelling code (only if you trust it)."
+    )
+    device: str = _f("auto", "Device: 'auto' (cuda when available), 'cpu' or 'cuda'.")
+    max_grad_norm: float | None = _f(1.0, "Clip router gradients to this norm (none to disable).")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, flag: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{flag}: {msg}")
+
+        need(
+            self.scoring in SCORING_CHOICES,
+            "--scoring",
+            f"must be one of {', '.join(SCORING_CHOICES)}, got {self.scoring!r}",
+        )
+        need(
+            self.refresh in REFRESH_CHOICES,
+            "--refresh",
+            f"must be one of {', '.join(REFRESH_CHOICES)}, got {self.refresh!r}",
+        )
+        need(
+            self.dtype in DTYPE_CHOICES,
+            "--dtype",
+            f"must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}",
+        )
+        need(
+            self.device in DEVICE_CHOICES,
+            "--device",
+            f"must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}",
+        )
+        need(self.k >= 1, "--k", f"must be at least 1, got {self.k}")
+        need(self.eps is None or 0 < self.eps <= 1, "--eps", f"must be in (0, 1], got {self.eps}")
+        need(self.sigma > 0, "--sigma", f"must be positive, got {self.sigma}")
+        need(self.lam >= 0, "--lambda", f"must be >= 0, got {self.lam}")
+        need(self.lr > 0, "--lr", f"must be positive, got {self.lr}")
+        need(self.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        need(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
+        need(self.batch_size >= 1, "--batch-size", f"must be at least 1, got {self.batch_size}")
+        need(0 <= self.warmup < 1, "--warmup", f"must be a fraction in [0, 1), got {self.warmup}")
+        need(
+            self.limit is None or self.limit >= 1,
+            "--limit",
+            f"must be at least 1, got {self.limit}",
+        )
+        need(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "--max-grad-norm",
+            f"must be positive, got {self.max_grad_norm}",
+        )
+        if self.layers is not None:
+            self.layers = self.layers.replace(" ", "")
+            need(
+                LAYERS_RE.fullmatch(self.layers) is not None,
+                "--layers",
+                f"expected 'all', 'lastN' or indices like '3,5' or '2-5', got {self.layers!r}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}")
+        return cls(**values)
+
+    def hash(self, *names: str) -> str:
+        """Hash of the named fields (all that change results when none are named)."""
+        d = self.to_dict()
+        keys = names or tuple(k for k in d if k not in _NOT_HASHED)
+        blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(TuneConfig)}
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TuneConfig)}

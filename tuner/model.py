@@ -1,0 +1,248 @@
+"""Load a Hugging Face MoE model for router tuning.
+
+Everything is frozen except the routers of the tuned layers. Frozen weights stay in the
+requested dtype (bf16 by default); the tuned routers hold float32 master weights copied
+from the checkpoint's own values, so deltas are exact. A forward pre-hook casts a tuned
+router's input to float32, and the router returns float32 logits and scores, which every
+supported experts implementation casts back when it accumulates into the hidden states.
+
+Layers below the lowest tuned router need no special handling to run without autograd:
+no tensor there requires grad, so autograd records nothing until the first tuned router.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roma_vllm.architectures import (
+    UnsupportedModelError,
+    architecture_of,
+    find_routers,
+    num_experts,
+    router_layers,
+)
+from roma_vllm.checkpoint import (
+    checkpoint_shapes,
+    checkpoint_tensors,
+    load_config,
+    resolve_checkpoint,
+    safetensors_files,
+)
+from roma_vllm.deltas import fingerprint
+from roma_vllm.hf import hf_parameter
+
+DEFAULT_LAST_LAYERS = 5
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class LayersError(ValueError):
+    """``--layers`` names layers that have no router."""
+
+
+@dataclass
+class TunerModel:
+    """A loaded model with its tuned routers located."""
+
+    model: Any  # transformers PreTrainedModel (CausalLM)
+    tokenizer: Any
+    architecture: str
+    checkpoint: Path
+    name: str  # as the user gave it
+    moe_layers: list[int]  # every layer with a router
+    layers: list[int]  # tuned layers, ascending
+    tuned: dict[str, torch.nn.Parameter]  # checkpoint name -> fp32 parameter (weight, bias)
+    router_modules: dict[int, torch.nn.Module]  # tuned layer -> router module
+    base: dict[str, torch.Tensor]  # checkpoint name -> stored base tensor
+    num_experts: int
+    fingerprint: str  # identity of the base checkpoint
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tuned.values())).device
+
+    @property
+    def decoder(self) -> Any:
+        return getattr(self.model, self.model.base_model_prefix)
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable router parameters, in a fixed order."""
+        return [self.tuned[n] for n in sorted(self.tuned)]
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the tuned routers' current float32 values, by checkpoint name."""
+        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self.tuned.items()}
+
+    @torch.no_grad()
+    def load_router_state(self, state: dict[str, torch.Tensor]) -> None:
+        for n, p in self.tuned.items():
+            p.copy_(state[n].to(p.device, p.dtype))
+
+
+def parse_layers(spec: str | None, moe_layers: list[int]) -> list[int]:
+    """Tuned layer indices for ``--layers`` (None: the last 5 MoE layers, or all)."""
+    if spec is None or spec == "":
+        return moe_layers[-DEFAULT_LAST_LAYERS:]
+    if spec == "all":
+        return list(moe_layers)
+    if spec.startswith("last"):
+        n = int(spec[4:])
+        if not 1 <= n <= len(moe_layers):
+            raise LayersError(
+                f"--layers: {spec} asks for {n} layers but the model has {len(moe_layers)} MoE layers"
+            )
+        return moe_layers[-n:]
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        chosen.update(range(int(lo), int(hi or lo) + 1))
+    missing = sorted(chosen - set(moe_layers))
+    if missing:
+        raise LayersError(
+            f"--layers: layer(s) {missing} have no MoE router; MoE layers of this model: "
+            f"{_ranges(moe_layers)}"
+        )
+    return sorted(chosen)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for i, x in enumerate(xs):
+        if start is None:
+            start = x
+        if i + 1 == len(xs) or xs[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
+
+
+def checkpoint_fingerprint(ckpt: Path, router_names: list[str]) -> str:
+    """Identity of a checkpoint: its config, file sizes and router values."""
+    h = hashlib.sha256((ckpt / "config.json").read_bytes())
+    for f in safetensors_files(ckpt):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    for n, t in checkpoint_tensors(ckpt, router_names).items():
+        h.update(f"{n}:{fingerprint(t)}".encode())
+    return h.hexdigest()[:16]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def _to_fp32_input(module: torch.nn.Module, args: tuple) -> tuple:
+    if args and torch.is_tensor(args[0]) and args[0].dtype != torch.float32:
+        return (args[0].float(), *args[1:])
+    return args
+
+
+def load_model(
+    model: str,
+    layers: str | None = None,
+    dtype: str = "bfloat16",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> TunerModel:
+    """Load ``model`` frozen, with float32 trainable routers on the ``layers`` to tune.
+
+    Raises :class:`UnsupportedModelError` (no routers; names the architecture and the
+    supported ones) or :class:`LayersError` (``layers`` out of range).
+    """
+    import transformers
+
+    ckpt = resolve_checkpoint(model)
+    config = load_config(ckpt)
+    arch = architecture_of(config)
+    routers = find_routers(arch, checkpoint_shapes(ckpt), num_experts(config))
+    moe_layers = router_layers(routers)
+    tuned_layers = parse_layers(layers, moe_layers)
+    tuned_names = [n for n, layer in routers.items() if layer in tuned_layers]
+
+    dev = pick_device(device)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if dev.type == "cpu":
+        kwargs["experts_implementation"] = "eager"  # batched_mm is ~70x slower on CPU
+    cls = getattr(transformers, arch, None) if not trust_remote_code else None
+    try:
+        if cls is not None:
+            hf = cls.from_pretrained(str(ckpt), **kwargs)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
+    except TypeError:  # a model class without the experts_implementation switch
+        kwargs.pop("experts_implementation", None)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
+    hf.to(dev).eval()
+    hf.requires_grad_(False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(ckpt), trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    base = checkpoint_tensors(ckpt, tuned_names)
+    names = {id(p): n for n, p in hf.named_parameters()}
+    tuned: dict[str, torch.nn.Parameter] = {}
+    modules: dict[int, torch.nn.Module] = {}
+    for name in tuned_names:
+        param = hf_parameter(hf, name)
+        with torch.no_grad():
+            param.data = base[name].to(dev, torch.float32).clone()  # exact master weights
+        param.requires_grad_(True)
+        tuned[name] = param
+        module_name = names[id(param)].rsplit(".", 1)[0]
+        modules[routers[name]] = hf.get_submodule(module_name)
+    tm = TunerModel(
+        model=hf,
+        tokenizer=tokenizer,
+        architecture=arch,
+        checkpoint=ckpt,
+        name=str(model),
+        moe_layers=moe_layers,
+        layers=tuned_layers,
+        tuned=tuned,
+        router_modules=dict(sorted(modules.items())),
+        base=base,
+        num_experts=int(num_experts(config) or next(iter(base.values())).shape[0]),
+        fingerprint=checkpoint_fingerprint(ckpt, list(routers)),
+    )
+    if DTYPES[dtype] != torch.float32:
+        for module in tm.router_modules.values():
+            tm._hooks.append(module.register_forward_pre_hook(_to_fp32_input))
+    return tm
+
+
+def describe(tm: TunerModel) -> dict[str, Any]:
+    """A JSON-able summary for logs and metadata."""
+    return {
+        "model": tm.name,
+        "architecture": tm.architecture,
+        "fingerprint": tm.fingerprint,
+        "moe_layers": tm.moe_layers,
+        "tuned_layers": tm.layers,
+        "tuned_tensors": sorted(tm.tuned),
+        "trainable_parameters": sum(p.numel() for p in tm.tuned.values()),
+        "num_experts": tm.num_experts,
+    }
+
+
+__all__ = [
+    "LayersError",
+    "TunerModel",
+    "UnsupportedModelError",
+    "describe",
+    "load_model",
+    "parse_layers",
+]

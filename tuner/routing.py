@@ -1,0 +1,68 @@
+"""Routing vectors: what RoMA aligns.
+
+The routing vector of a sample is the softmax over all experts of the router logits at its
+last prompt token, concatenated over the tuned layers (ascending). It is read from the
+router modules' own outputs in the same forward pass that computes the task loss, so when
+the routers require grad the vector carries gradient to every tuned router (the authors'
+code read it from a file and the regulariser did nothing).
+
+Every supported router module returns ``(logits, scores, indices)`` with logits of shape
+``(tokens, experts)`` over the flattened ``(rows * seq)`` tokens, so the last prompt token of
+row ``r`` is flat index ``r * seq + pos``. The softmax is used for every architecture, also
+for DeepSeek-V3 whose selection uses sigmoid scores: it is a fixed, smooth map of the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tuner.model import TunerModel
+
+
+class RoutingCapture:
+    """Context manager: hooks on the tuned routers that keep the logits at chosen tokens.
+
+    Set :attr:`positions` (flat token indices) before each forward pass, then read
+    :meth:`vectors`.
+    """
+
+    def __init__(self, tm: TunerModel) -> None:
+        self.tm = tm
+        self.positions: torch.Tensor | None = None
+        self.logits: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> RoutingCapture:
+        for layer, module in self.tm.router_modules.items():
+            hook = self._hook(layer)
+            # prepend: see the router's own float32 output before any other hook
+            self._handles.append(module.register_forward_hook(hook, prepend=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self.positions is None:
+                return
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            logits = logits.reshape(-1, logits.shape[-1])
+            self.logits[layer] = logits.index_select(0, self.positions.to(logits.device))
+
+        return hook
+
+    def vectors(self) -> torch.Tensor:
+        """``[samples, layers * experts]`` routing vectors of the last forward pass."""
+        missing = [layer for layer in self.tm.router_modules if layer not in self.logits]
+        if missing:
+            raise RuntimeError(f"routers of layers {missing} did not run in the forward pass")
+        parts = [
+            torch.softmax(self.logits[layer].float(), dim=-1) for layer in self.tm.router_modules
+        ]
+        self.logits = {}
+        return torch.cat(parts, dim=-1)
