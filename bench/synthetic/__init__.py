@@ -1,0 +1,1 @@
+"""Synthetic task data and a small pretrained MoE for benchmarks and the demo."""
