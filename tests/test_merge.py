@@ -1,0 +1,146 @@
+"""`roma-tune merge`: routers become base + scale * delta, everything else is kept bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from roma_vllm.deltas import RouterDeltas, add_delta, make_deltas, read_deltas, write_deltas
+from tuner.cli import app
+from tuner.merge import MERGE_RECORD, merge
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({n: h.get_tensor(n) for n in h.keys()})  # noqa: SIM118
+    return out
+
+
+def _deltas(model_dir: Path, layers: set[int] | None = None) -> RouterDeltas:
+    """Random router deltas (a third of each router's spread) for ``layers`` (default all)."""
+    from roma_vllm.architectures import architecture_of, find_routers, num_experts
+    from roma_vllm.checkpoint import checkpoint_shapes, checkpoint_tensors, load_config
+
+    config = load_config(model_dir)
+    arch = architecture_of(config)
+    routers = find_routers(arch, checkpoint_shapes(model_dir), num_experts(config))
+    names = [n for n, layer in routers.items() if layers is None or layer in layers]
+    base = checkpoint_tensors(model_dir, names)
+    g = torch.Generator().manual_seed(3)
+    tuned = {
+        n: t.float() + t.float().std() / 3 * torch.randn(t.shape, generator=g)
+        for n, t in base.items()
+    }
+    return make_deltas(base, tuned, arch, str(model_dir))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bf16 tiny Qwen3-MoE saved in several shards, and deltas for two of its layers."""
+    import transformers
+
+    from roma_vllm.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("merge")
+    single = build_tiny_model(root / "single", "Qwen3MoeForCausalLM", dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(single), dtype=torch.bfloat16)
+    sharded = root / "sharded"
+    model.save_pretrained(sharded, max_shard_size="300KB")
+    transformers.AutoTokenizer.from_pretrained(str(single)).save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    return sharded, write_deltas(root / "deltas.safetensors", _deltas(sharded, {2, 3}))
+
+
+def test_merged_routers_and_other_tensors(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    model, deltas_path = sharded
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(
+        app,
+        ["merge", "--model", str(model), "--deltas", str(deltas_path), "--out", str(out),
+         "--scale", "0.5"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    deltas = read_deltas(deltas_path)
+    base, merged = _tensors(model), _tensors(out)
+    assert set(base) == set(merged)
+    for name, t in base.items():
+        assert merged[name].dtype == t.dtype and merged[name].shape == t.shape
+        if name in deltas.tensors:
+            want = add_delta(t, deltas.tensors[name], 0.5)
+            assert torch.equal(_bits(merged[name]), _bits(want)), name
+            assert not torch.equal(merged[name], t)
+        else:
+            assert torch.equal(_bits(merged[name]), _bits(t)), name
+    # same shard layout and index; config and tokenizer copied; the recipe recorded
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(
+        p.name for p in model.glob("*.safetensors")
+    )
+    index = "model.safetensors.index.json"
+    assert json.loads((out / index).read_text()) == json.loads((model / index).read_text())
+    for name in ("config.json", "tokenizer.json"):
+        assert (out / name).read_bytes() == (model / name).read_bytes()
+    record = json.loads((out / MERGE_RECORD).read_text())
+    assert record["scale"] == 0.5 and set(record["replaced"]) == set(deltas.tensors)
+    assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
+
+
+def test_merged_model_equals_in_memory_deltas(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    import transformers
+
+    from roma_vllm.hf import apply_deltas
+
+    model, deltas_path = sharded
+    out = tmp_path / "merged"
+    merge(str(model), str(deltas_path), str(out))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.bfloat16)
+    apply_deltas(tuned, read_deltas(deltas_path))
+    a, b = dict(merged.named_parameters()), dict(tuned.named_parameters())
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_merge_refusals(sharded: tuple[Path, Path], tmp_path: Path) -> None:
+    from roma_vllm.tiny import build_tiny_model
+
+    model, deltas_path = sharded
+    runner = CliRunner()
+
+    def run(*args: str) -> tuple[int, str]:
+        r = runner.invoke(app, ["merge", "--model", str(model), *args])
+        return r.exit_code, r.output
+
+    other = build_tiny_model(tmp_path / "other", "Qwen3MoeForCausalLM", seed=5)
+    foreign = write_deltas(tmp_path / "foreign.safetensors", _deltas(other))
+    code, out = run("--deltas", str(foreign), "--out", str(tmp_path / "m1"))
+    assert code == 1 and "fingerprint mismatch" in out
+    assert not (tmp_path / "m1").exists()
+    olmoe = build_tiny_model(tmp_path / "olmoe", "OlmoeForCausalLM")
+    code, out = run(
+        "--deltas",
+        str(write_deltas(tmp_path / "olmoe.safetensors", _deltas(olmoe))),
+        "--out",
+        str(tmp_path / "m2"),
+    )
+    assert code == 1 and "deltas are for OlmoeForCausalLM" in out
+    code, out = run("--deltas", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m3"))
+    assert code == 1 and "delta file not found" in out
+    (tmp_path / "taken").mkdir()
+    code, out = run("--deltas", str(deltas_path), "--out", str(tmp_path / "taken"))
+    assert code == 1 and "already exists" in out
+    code, out = run("--deltas", str(deltas_path), "--out", str(tmp_path / "taken"), "--overwrite")
+    assert code == 0 and (tmp_path / "taken" / MERGE_RECORD).is_file()
+    code, out = run("--deltas", str(deltas_path), "--out", str(model), "--overwrite")
+    assert code == 1 and "is the base checkpoint itself" in out
