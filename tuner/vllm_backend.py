@@ -1,0 +1,191 @@
+"""Evaluation through vLLM, the path users serve: the ``roma`` load format merges the deltas.
+
+Every request is a :class:`vllm.inputs.TokensPrompt` holding the exact ids of
+:class:`~tuner.encode.Encoded`, so vLLM and transformers see the same tokens. Scores are
+exact log-probabilities, never read from a top-k list:
+
+* single-token choices: one request per sample, one greedy step with ``logprob_token_ids``
+  set to the option tokens (vLLM returns the log-probability of exactly those tokens);
+* multi-token continuations: one request per choice, ``prompt + continuation`` with
+  ``prompt_logprobs=0`` (the log-probability of every prompt token as given), summed over the
+  continuation;
+* free-form: greedy generation of as many tokens as the target (``ignore_eos``), with the
+  top-2 log-probabilities of every step for the margin.
+
+An engine is started per model variant (the deltas are applied while the checkpoint loads)
+and shut down before the next one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuner.encode import Encoded
+from tuner.eval_scores import SampleScore, choose, free_form, max_length
+
+CHUNK = 256  # requests per generate() call, for progress updates
+
+
+def engine_kwargs(
+    checkpoint: Path,
+    *,
+    dtype: str,
+    max_model_len: int,
+    deltas_path: str | None = None,
+    scale: float = 1.0,
+    allow_mismatch: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Arguments of ``vllm.LLM`` for the base model, or the tuned one when ``deltas_path``."""
+    kwargs: dict[str, Any] = dict(
+        model=str(checkpoint),
+        dtype=dtype,
+        enforce_eager=True,
+        seed=seed,
+        max_model_len=max_model_len,
+    )
+    if deltas_path is not None:
+        kwargs["load_format"] = "roma"
+        kwargs["model_loader_extra_config"] = {
+            "roma_deltas": str(deltas_path),
+            "roma_scale": scale,
+            "roma_allow_mismatch": allow_mismatch,
+        }
+    return kwargs
+
+
+@contextlib.contextmanager
+def engine(**kwargs: Any) -> Iterator[Any]:
+    """A ``vllm.LLM`` that is shut down (worker processes included) when the block ends."""
+    # On CPU vLLM otherwise reserves most of the machine's memory for its KV cache.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    llm = LLM(**kwargs)
+    try:
+        yield llm
+    finally:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+
+
+def num_requests(encoded: Sequence[Encoded]) -> int:
+    """Requests :func:`score_vllm` sends for ``encoded`` (one per choice for continuations)."""
+    return sum(len(e.continuations) if e.continuations is not None else 1 for e in encoded)
+
+
+def _requests(encoded: Sequence[Encoded]) -> tuple[list[Any], list[Any]]:
+    """Prompts and sampling params of every request, sample by sample, choice by choice."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts: list[Any] = []
+    params: list[Any] = []
+    for e in encoded:
+        if e.option_ids is not None:
+            prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids)))
+            params.append(
+                SamplingParams(
+                    max_tokens=1,
+                    temperature=0.0,
+                    logprob_token_ids=sorted(set(e.option_ids)),
+                    detokenize=False,
+                )
+            )
+        elif e.continuations is not None:
+            for cont in e.continuations:
+                prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids) + list(cont)))
+                params.append(
+                    SamplingParams(
+                        max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
+                    )
+                )
+        else:
+            prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids)))
+            params.append(
+                SamplingParams(
+                    max_tokens=len(e.target_ids or []),
+                    temperature=0.0,
+                    ignore_eos=True,
+                    logprobs=2,
+                    detokenize=False,
+                )
+            )
+    return prompts, params
+
+
+def _continuation_logprob(output: Any, prompt_len: int, cont: Sequence[int]) -> float:
+    entries = output.prompt_logprobs
+    total = 0.0
+    for t, tok in enumerate(cont):
+        total += entries[prompt_len + t][tok].logprob
+    return total
+
+
+def _free_form(output: Any, target: Sequence[int]) -> SampleScore:
+    completion = output.outputs[0]
+    generated = list(completion.token_ids)
+    gaps = []
+    for step in completion.logprobs or []:
+        values = sorted((lp.logprob for lp in step.values()), reverse=True)
+        gaps.append(values[0] - values[1] if len(values) > 1 else float("inf"))
+    return free_form(target, generated, gaps)
+
+
+def score_outputs(encoded: Sequence[Encoded], outputs: Sequence[Any]) -> list[SampleScore]:
+    """Turn vLLM's request outputs (in :func:`_requests` order) into per-sample scores."""
+    it = iter(outputs)
+    results: list[SampleScore] = []
+    for e in encoded:
+        if e.option_ids is not None:
+            step = next(it).outputs[0].logprobs[0]
+            results.append(choose([step[t].logprob for t in e.option_ids], e.label))
+        elif e.continuations is not None:
+            n = len(e.prompt_ids)
+            sums = [_continuation_logprob(next(it), n, cont) for cont in e.continuations]
+            results.append(choose(sums, e.label))
+        else:
+            results.append(_free_form(next(it), e.target_ids or []))
+    return results
+
+
+def score_vllm(
+    checkpoint: Path,
+    encoded: Sequence[Encoded],
+    *,
+    dtype: str,
+    deltas_path: str | None = None,
+    scale: float = 1.0,
+    allow_mismatch: bool = False,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[SampleScore]:
+    """Score ``encoded`` with a vLLM engine of the base model, or the tuned one when
+    ``deltas_path`` is given. ``progress(n)`` is called after every ``n`` finished requests."""
+    prompts, params = _requests(encoded)
+    kwargs = engine_kwargs(
+        checkpoint,
+        dtype=dtype,
+        max_model_len=max_model_len or max_length(encoded) + 1,
+        deltas_path=deltas_path,
+        scale=scale,
+        allow_mismatch=allow_mismatch,
+        seed=seed,
+    )
+    outputs: list[Any] = []
+    with engine(**kwargs) as llm:
+        for start in range(0, len(prompts), CHUNK):
+            stop = start + CHUNK
+            outputs += llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
+            if progress is not None:
+                progress(len(prompts[start:stop]))
+    return score_outputs(encoded, outputs)
