@@ -20,11 +20,17 @@ WORDS = {
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random OLMoE checkpoint (4 MoE layers, 8 experts, top-2), float32."""
-    from roma_vllm.tiny import build_tiny_model
+def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random OLMoE checkpoint (4 MoE layers, 8 experts, top-2), float32.
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "olmoe", "OlmoeForCausalLM")
+    Shared with the rest of the suite through conftest's ``tiny_model`` when it exists.
+    """
+    try:
+        return request.getfixturevalue("tiny_model")("OlmoeForCausalLM")
+    except pytest.FixtureLookupError:
+        from roma_vllm.tiny import build_tiny_model
+
+        return build_tiny_model(tmp_path_factory.mktemp("tiny") / "olmoe", "OlmoeForCausalLM")
 
 
 def mc_rows(n: int, seed: int = 0) -> list[dict]:

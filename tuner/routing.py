@@ -65,4 +65,5 @@ class RoutingCapture:
             torch.softmax(self.logits[layer].float(), dim=-1) for layer in self.tm.router_modules
         ]
         self.logits = {}
+        self.positions = None  # disarm: a nested capture's forward must not write here
         return torch.cat(parts, dim=-1)

@@ -1,0 +1,253 @@
+"""The training loop: AdamW on the tuned routers only, RoMA loss, a checkpoint every epoch.
+
+:func:`train_step` is a pure function of (model, batch, targets): forward, loss, backward.
+The loop around it owns the optimiser, the schedule (linear warm-up of both the learning
+rate and lambda over the first ``warmup`` fraction of steps, then constant), batch order
+(seeded per epoch, so a resumed run sees the same batches), the refresh of the neighbours'
+targets and the checkpoints. A data-parallel loop would all-reduce the router gradients
+between ``train_step`` and the optimiser step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from roma_vllm.deltas import atomic_write
+from tuner.config import TuneConfig
+from tuner.encode import Encoded
+from tuner.forward import Batch, bucket_batches, collate, forward
+from tuner.model import TunerModel
+from tuner.neighbours import Neighbours
+from tuner.objective import LossTerms, roma_loss
+from tuner.prefix import PrefixCache
+from tuner.routing import RoutingCapture
+from tuner.scoring import Scored, score
+from tuner.snapshot import Snapshot
+
+CHECKPOINT_PREFIX = "epoch-"
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did; one line of the training log and of the delta metadata."""
+
+    epoch: int
+    steps: int
+    loss: float
+    task_loss: float
+    manifold: float
+    lam: float  # lambda at the end of the epoch (after warm-up scaling)
+    lr: float
+    running_accuracy: float  # train accuracy measured during the epoch's forward passes
+    train_accuracy: float | None = None  # snapshot after the epoch (when one was taken)
+    val_accuracy: float | None = None
+    successful: int | None = None  # size of S used as targets during this epoch
+    without_neighbours: int | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    final: Snapshot | None = None
+    resumed_from: int | None = None  # last completed epoch found on disk
+
+
+def _no_progress(n: int, info: str | None = None) -> None:
+    pass
+
+
+def warmup_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up from ~0 to 1 over ``warmup * total`` steps, then 1."""
+    n = round(warmup * total)
+    return 1.0 if n <= 0 else min(1.0, (step + 1) / n)
+
+
+def train_step(
+    tm: TunerModel,
+    batch: Batch,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    lam: float,
+    capture: RoutingCapture,
+    prefix: torch.Tensor | None = None,
+) -> tuple[LossTerms, Scored]:
+    """Forward, RoMA loss and backward for one batch; leaves gradients on the routers."""
+    out = forward(tm, batch, capture, prefix)
+    scored = score(out, batch)
+    terms = roma_loss(scored.loss, out.routing, targets, weights, lam)
+    terms.total.backward()
+    return terms, scored
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def checkpoint_path(directory: Path, epoch: int) -> Path:
+    return directory / f"{CHECKPOINT_PREFIX}{epoch}.pt"
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(
+        directory.glob(f"{CHECKPOINT_PREFIX}*.pt"),
+        key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]),
+    )
+    return found[-1] if found else None
+
+
+def train(
+    tm: TunerModel,
+    encoded: Sequence[Encoded],
+    cfg: TuneConfig,
+    snapshot: Snapshot,
+    neighbours_for: Callable[[Snapshot], Neighbours],
+    take_snapshot: Callable[[], Snapshot],
+    checkpoint_dir: Path,
+    *,
+    resume: bool = False,
+    prefix: PrefixCache | None = None,
+    validate: Callable[[], float] | None = None,
+    bars: Any = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``tm``'s routers for ``cfg.epochs`` epochs; returns the history and final snapshot.
+
+    ``snapshot`` is the routing snapshot before training; ``neighbours_for`` builds N(i) and
+    W from a snapshot; ``take_snapshot`` re-measures with the current routers. With
+    ``resume`` the latest checkpoint in ``checkpoint_dir`` is loaded and training continues
+    after it (a completed run is returned as is).
+    """
+    torch.manual_seed(cfg.seed)
+    log = log or (lambda event: None)
+    params = tm.parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches_per_epoch = -(-len(encoded) // cfg.batch_size)
+    total_steps = batches_per_epoch * cfg.epochs
+    result = TrainResult()
+    start = 0
+    neighbours = neighbours_for(snapshot)
+    final: Snapshot | None = None
+
+    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt, weights_only=True)
+        tm.load_router_state(state["routers"])
+        opt.load_state_dict(state["optimizer"])
+        result.history = [EpochRecord(**r) for r in state["history"]]
+        snapshot = Snapshot.from_tensors(state["snapshot"])
+        neighbours = Neighbours(**{k: v.numpy() for k, v in state["neighbours"].items()})
+        start = state["epoch"] + 1
+        result.resumed_from = state["epoch"]
+        if state.get("final") is not None:
+            final = Snapshot.from_tensors(state["final"])
+        log({"event": "resume", "from_epoch": state["epoch"], "checkpoint": str(ckpt)})
+
+    pad = tm.tokenizer.pad_token_id
+    step = start * batches_per_epoch
+    with RoutingCapture(tm) as capture:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            batches = bucket_batches(encoded, cfg.batch_size, _epoch_generator(cfg.seed, epoch))
+            sums = {"loss": 0.0, "task": 0.0, "manifold": 0.0, "correct": 0, "n": 0}
+            lam = lr = 0.0
+            desc = f"train epoch {epoch + 1}/{cfg.epochs}"
+            bar = bars.task(desc, len(encoded)) if bars else contextlib.nullcontext(_no_progress)
+            with bar as advance:
+                for idx in batches:
+                    f = warmup_factor(step, total_steps, cfg.warmup)
+                    lr, lam = cfg.lr * f, cfg.lam * f
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    batch = collate(encoded, idx, pad)
+                    states = prefix.states(batch).to(tm.device) if prefix is not None else None
+                    batch.to(tm.device)
+                    targets, weights = neighbours.targets(snapshot.routing, idx)
+                    opt.zero_grad(set_to_none=True)
+                    terms, scored = train_step(
+                        tm,
+                        batch,
+                        targets.to(tm.device),
+                        weights.to(tm.device),
+                        lam,
+                        capture,
+                        states,
+                    )
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    step += 1
+                    n = len(idx)
+                    sums["loss"] += float(terms.total.detach()) * n
+                    sums["task"] += float(terms.task) * n
+                    sums["manifold"] += float(terms.manifold) * n
+                    sums["correct"] += int(scored.correct.sum())
+                    sums["n"] += n
+                    advance(n, f"loss {sums['loss'] / sums['n']:.4f}")
+            seconds = time.perf_counter() - t0
+            record = EpochRecord(
+                epoch=epoch,
+                steps=len(batches),
+                loss=sums["loss"] / sums["n"],
+                task_loss=sums["task"] / sums["n"],
+                manifold=sums["manifold"] / sums["n"],
+                lam=lam,
+                lr=lr,
+                running_accuracy=sums["correct"] / sums["n"],
+                successful=int(snapshot.correct.sum()),
+                without_neighbours=neighbours.empty,
+                seconds=seconds,
+                samples_per_second=sums["n"] / seconds if seconds > 0 else 0.0,
+            )
+            last = epoch == cfg.epochs - 1
+            if cfg.refresh == "epoch" or last:
+                after = take_snapshot()
+                record.train_accuracy = after.accuracy
+                if last:
+                    final = after
+                else:
+                    snapshot, neighbours = after, neighbours_for(after)
+            if validate is not None:
+                record.val_accuracy = validate()
+            result.history.append(record)
+            log({"event": "epoch", **asdict(record)})
+            _save(checkpoint_dir, epoch, tm, opt, result.history, snapshot, neighbours, final)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    result.final = final if final is not None else take_snapshot()
+    return result
+
+
+def _save(
+    directory: Path,
+    epoch: int,
+    tm: TunerModel,
+    opt: torch.optim.Optimizer,
+    history: list[EpochRecord],
+    snapshot: Snapshot,
+    neighbours: Neighbours,
+    final: Snapshot | None,
+) -> None:
+    state = {
+        "epoch": epoch,
+        "routers": tm.router_state(),
+        "optimizer": opt.state_dict(),
+        "history": [asdict(r) for r in history],
+        "snapshot": snapshot.tensors(),
+        "neighbours": {k: torch.from_numpy(v) for k, v in neighbours.arrays().items()},
+        "final": final.tensors() if final is not None else None,
+    }
+    path = checkpoint_path(directory, epoch)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in directory.glob(f"{CHECKPOINT_PREFIX}*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
