@@ -1,0 +1,127 @@
+"""`roma-tune run`: the command-line face of :mod:`tuner.pipeline`.
+
+Options mirror :class:`tuner.config.TuneConfig` one to one and take their help text from it.
+Heavy imports (torch, transformers) happen only when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tuner.config import DEFAULTS, HELP
+
+
+def _opt(name: str, *flags: str, **kw: object) -> object:
+    return typer.Option(DEFAULTS[name], *flags, help=HELP[name], **kw)  # type: ignore[arg-type]
+
+
+def read_template(value: str | None) -> str | None:
+    """``--template``: a file's text when the value names an existing file, else the value."""
+    if value is None:
+        return None
+    p = Path(value)
+    if len(value) < 4096 and "\n" not in value and p.is_file():
+        return p.read_text(encoding="utf-8")
+    return value
+
+
+def run_command(
+    model: str = typer.Option(..., "--model", help=HELP["model"]),
+    data: str = typer.Option(..., "--data", help=HELP["data"]),
+    out: str = typer.Option(..., "--out", help=HELP["out"]),
+    val: str | None = _opt("val", "--val"),
+    scoring: str = _opt("scoring", "--scoring"),
+    template: str | None = _opt("template", "--template"),
+    chat_template: bool = _opt("chat_template", "--chat-template"),
+    layers: str | None = _opt("layers", "--layers"),
+    k: int = _opt("k", "--k"),
+    eps: float | None = _opt("eps", "--eps"),
+    sigma: float = _opt("sigma", "--sigma"),
+    lam: float = _opt("lam", "--lambda"),
+    lr: float = _opt("lr", "--lr"),
+    weight_decay: float = _opt("weight_decay", "--weight-decay"),
+    epochs: int = _opt("epochs", "--epochs"),
+    batch_size: int = _opt("batch_size", "--batch-size"),
+    warmup: float = _opt("warmup", "--warmup"),
+    refresh: str = _opt("refresh", "--refresh"),
+    seed: int = _opt("seed", "--seed"),
+    dtype: str = _opt("dtype", "--dtype"),
+    cache_prefix: bool = _opt("cache_prefix", "--cache-prefix"),
+    embedder: str = _opt("embedder", "--embedder"),
+    skip_bad_rows: bool = _opt("skip_bad_rows", "--skip-bad-rows"),
+    limit: int | None = _opt("limit", "--limit"),
+    resume: bool = _opt("resume", "--resume"),
+    trust_remote_code: bool = _opt("trust_remote_code", "--trust-remote-code"),
+    device: str = _opt("device", "--device"),
+    max_grad_norm: float | None = _opt("max_grad_norm", "--max-grad-norm"),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show progress bars for every stage."
+    ),
+) -> None:
+    """Train the routers of an MoE model with RoMA and write router deltas to RUN_DIR.
+
+    Stages (each cached in RUN_DIR and reused when its inputs are unchanged): task
+    embeddings, routing snapshot, neighbours, training, export of
+    RUN_DIR/roma_deltas.safetensors (serve it with `vllm serve --load-format roma`).
+    """
+    values = dict(locals())
+    values.pop("progress")
+    values["template"] = read_template(template)
+    with _user_errors():
+        from tuner.config import TuneConfig
+
+        cfg = TuneConfig(**values)
+        _run(cfg, progress)
+
+
+def _run(cfg: object, progress: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuner.pipeline import run
+    from tuner.progress import Bars
+
+    console = Console(stderr=True)
+    result = run(cfg, Bars(progress, console), lambda msg: console.print(msg, markup=False))  # type: ignore[arg-type]
+    table = Table(title="roma-tune run")
+    table.add_column("epoch", justify="right")
+    for col in ("loss", "task", "manifold", "train acc", "val acc", "samples/s"):
+        table.add_column(col, justify="right")
+    for r in result.history:
+        table.add_row(
+            str(r.epoch + 1),
+            f"{r.loss:.4f}",
+            f"{r.task_loss:.4f}",
+            f"{r.manifold:.5f}",
+            "-" if r.train_accuracy is None else f"{r.train_accuracy:.4f}",
+            "-" if r.val_accuracy is None else f"{r.val_accuracy:.4f}",
+            f"{r.samples_per_second:.1f}",
+        )
+    out = Console()
+    out.print(table)
+    out.print(f"train accuracy: {result.accuracy_before:.4f} -> {result.accuracy_after:.4f}")
+    if result.val_before is not None:
+        out.print(f"val accuracy:   {result.val_before:.4f} -> {result.val_after:.4f}")
+    if result.reused:
+        out.print(f"reused from cache: {', '.join(result.reused)}")
+    out.print(f"deltas: {result.deltas}")
+
+
+class _user_errors:
+    """One red ``Error: ...`` line and exit status 1 for errors the user can fix."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            return False
+        from roma_vllm.architectures import UnsupportedModelError
+        from tuner.pipeline import NoSuccessError
+
+        if isinstance(exc, (ValueError, FileNotFoundError, UnsupportedModelError, NoSuccessError)):
+            typer.secho(f"Error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from None
+        return False
