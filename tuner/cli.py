@@ -29,3 +29,102 @@ def main(
 
 # heavy imports happen inside the command, so `roma-tune --help` stays fast
 app.command("run")(run_command)
+
+
+# ---------------------------------------------------------------- eval / merge / report
+# Thin wrappers: each imports its module lazily so `roma-tune --help` stays fast.
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(
+        ..., "--model", help="Base checkpoint: a local folder or a Hub name."
+    ),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Test data: .jsonl/.json/.csv, hf:NAME[:CONFIG]:SPLIT or a datasets folder.",
+    ),
+    deltas: str | None = typer.Option(
+        None, "--deltas", help="Router deltas (file or run folder); tuned results beside base."
+    ),
+    scoring: str | None = typer.Option(
+        None,
+        "--scoring",
+        help="'letter' or 'loglik'. Default: the scoring the deltas were trained with, else letter.",
+    ),
+    template: str | None = typer.Option(
+        None, "--template", help="Prompt template (text or file). Default: the training one."
+    ),
+    chat_template: bool | None = typer.Option(
+        None,
+        "--chat-template/--no-chat-template",
+        help="Wrap prompts in the model's chat template.",
+    ),
+    backend: str = typer.Option(
+        "vllm", "--backend", help="'vllm' (with the roma plugin, as served) or 'hf' (transformers)."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16. Default: the checkpoint's dtype."
+    ),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the deltas by this factor."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N rows."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count bad rows."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Apply deltas made for other base weights anyway."
+    ),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Write the full report (per sample too) here."
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", help="Write a per-task accuracy bar plot (PNG) here."
+    ),
+    check_against: str | None = typer.Option(
+        None,
+        "--check-against",
+        help="An earlier --json report on the same data (e.g. the other backend): report "
+        "disagreements; exit 2 if any is not a near-tie.",
+    ),
+    tolerance: float | None = typer.Option(
+        None,
+        "--tolerance",
+        help="Margin (log-prob) under which a decision is a near-tie. Default: 1e-3 (float32), "
+        "0.1 (bfloat16), 0.05 (float16).",
+    ),
+    batch_rows: int = typer.Option(
+        16, "--batch-rows", help="hf backend: sequences per forward pass."
+    ),
+) -> None:
+    """Accuracy of the base and the tuned model, overall and per task (vLLM by default)."""
+    from tuner.evaluate import EvalOptions, main
+    from tuner.user_errors import exit_on_user_error
+
+    with exit_on_user_error():
+        opts = EvalOptions(
+            model=model, data=data, deltas=deltas, scoring=scoring, template=template,
+            chat_template=chat_template, backend=backend, dtype=dtype, scale=scale, limit=limit,
+            skip_bad_rows=skip_bad_rows, allow_mismatch=allow_mismatch, tolerance=tolerance,
+            batch_rows=batch_rows,
+        )  # fmt: skip
+        main(opts, json_out, plot, check_against)
+
+
+@app.command("merge")
+def merge_command(
+    model: str = typer.Option(
+        ..., "--model", help="Base checkpoint: a local folder or a Hub name."
+    ),
+    deltas: str = typer.Option(..., "--deltas", help="Router deltas (file or run folder)."),
+    out: str = typer.Option(..., "--out", help="New folder for the merged checkpoint."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the deltas by this factor."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Merge deltas made for other base weights anyway."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Write a full checkpoint with the tuned routers, for engines without the plugin."""
+    from tuner.merge import main
+    from tuner.user_errors import exit_on_user_error
+
+    with exit_on_user_error():
+        main(model, deltas, out, scale, allow_mismatch, overwrite)
