@@ -128,3 +128,60 @@ def merge_command(
 
     with exit_on_user_error():
         main(model, deltas, out, scale, allow_mismatch, overwrite)
+
+
+@app.command("report")
+def report_command(
+    model: str = typer.Option(
+        ..., "--model", help="Base checkpoint: a local folder or a Hub name."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="Data (same formats as run/eval); tasks from 'task'."
+    ),
+    out: str = typer.Option(..., "--out", help="Folder for report.json and the PNG plots."),
+    deltas: str | None = typer.Option(
+        None, "--deltas", help="Router deltas: report the tuned routing beside the base one."
+    ),
+    scale: float = typer.Option(1.0, "--scale", help="Multiply the deltas by this factor."),
+    layers: str | None = typer.Option(
+        None,
+        "--layers",
+        help="Layers to analyse ('all', 'lastN', '3,5', '2-5'). Default: the deltas' layers, "
+        "else the last 5 MoE layers.",
+    ),
+    k: int = typer.Option(3, "--k", help="Neighbours per sample for neighbour agreement."),
+    embedder: str = typer.Option(
+        "all-MiniLM-L6-v2", "--embedder", help="sentence-transformers model for task embeddings."
+    ),
+    scoring: str | None = typer.Option(
+        None, "--scoring", help="'letter' or 'loglik'. Default: the deltas' training scoring."
+    ),
+    template: str | None = typer.Option(
+        None, "--template", help="Prompt template (text or file). Default: the training one."
+    ),
+    chat_template: bool | None = typer.Option(
+        None, "--chat-template/--no-chat-template", help="Wrap prompts in the chat template."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32 or bfloat16. Default: float32 for float32 checkpoints."
+    ),
+    device: str = typer.Option("auto", "--device", help="'auto', 'cpu' or 'cuda'."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples per forward pass."),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N rows."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count bad rows."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch", help="Apply deltas made for other base weights anyway."
+    ),
+) -> None:
+    """Routing diagnostics: neighbour agreement, expert purity, usage heatmaps, PCA plot."""
+    from tuner.report import ReportOptions, main
+    from tuner.user_errors import exit_on_user_error
+
+    with exit_on_user_error():
+        opts = ReportOptions(
+            model=model, data=data, out=out, deltas=deltas, scale=scale, layers=layers, k=k,
+            embedder=embedder, scoring=scoring, template=template, chat_template=chat_template,
+            dtype=dtype, device=device, batch_size=batch_size, limit=limit,
+            skip_bad_rows=skip_bad_rows, allow_mismatch=allow_mismatch,
+        )  # fmt: skip
+        main(opts)

@@ -26,7 +26,9 @@ def _save(fig: Any, path: str | os.PathLike) -> None:
     from roma_vllm.deltas import atomic_write
 
     plt = _pyplot()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(
+        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    )
     plt.close(fig)
 
 
