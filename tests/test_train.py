@@ -1,0 +1,114 @@
+"""Training end to end on a tiny model: accuracy improves, the delta file is exact, --resume
+after a killed run equals an uninterrupted run, and unchanged stages are reused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
+
+from roma_vllm.deltas import read_deltas
+from roma_vllm.hf import apply_deltas
+from tuner.config import TuneConfig
+from tuner.model import load_model
+from tuner.pipeline import run
+from tuner.train import warmup_factor
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def base_cfg(tiny_dir, tmp_path_factory):  # noqa: F811
+    data = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", mc_rows(32))
+    return TuneConfig(
+        model=str(tiny_dir),
+        data=str(data),
+        out="",
+        layers="1-3",
+        lam=0.1,
+        lr=3e-2,
+        epochs=3,
+        batch_size=8,
+        warmup=0.2,
+        dtype="float32",
+        cache_prefix=True,
+        seed=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base_cfg, tmp_path_factory):
+    cfg = dataclasses.replace(base_cfg, out=str(tmp_path_factory.mktemp("run_a")))
+    return cfg, run(cfg)
+
+
+def test_end_to_end_improves_train_accuracy(uninterrupted):
+    _, result = uninterrupted
+    assert result.accuracy_after > result.accuracy_before
+    assert [r.epoch for r in result.history] == [0, 1, 2]
+    assert result.history[-1].train_accuracy == result.accuracy_after
+
+
+def test_delta_file_holds_exactly_the_tuned_routers(uninterrupted, tiny_dir):  # noqa: F811
+    cfg, result = uninterrupted
+    deltas = read_deltas(result.deltas)
+    assert sorted(deltas.tensors) == [f"model.layers.{i}.mlp.gate.weight" for i in (1, 2, 3)]
+    assert deltas.layers == [1, 2, 3] and deltas.max_abs() > 0
+    t = deltas.training
+    assert t["config"]["lam"] == 0.1 and t["data"]["examples"] == 32
+    assert t["base_fingerprint"] and len(t["epochs"]) == 3
+    assert {"loss", "task_loss", "manifold", "train_accuracy"} <= set(t["epochs"][0])
+    assert t["train_accuracy_before"] == result.accuracy_before
+    assert t["train_accuracy_after"] == result.accuracy_after
+    # applying the deltas to the base reproduces the tuned routers (float32 masters)
+    tuned = torch.load(
+        next((result.run_dir / "checkpoints").rglob("epoch-2.pt")), weights_only=True
+    )
+    base = load_model(str(tiny_dir), layers="all", dtype="float32", device="cpu")
+    apply_deltas(base.model, deltas)
+    for i in range(4):
+        name = f"model.layers.{i}.mlp.gate.weight"
+        got = base.tuned[name].detach()
+        if i == 0:
+            torch.testing.assert_close(got, base.base[name].float(), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, tuned["routers"][name], rtol=0, atol=1e-7)
+    assert (result.run_dir / "config.json").is_file()
+    assert (result.run_dir / "train_log.jsonl").read_text().count('"event": "epoch"') == 3
+
+
+def test_resume_after_a_killed_run_equals_uninterrupted(uninterrupted, base_cfg, tmp_path):
+    _, expected = uninterrupted
+    cfg = dataclasses.replace(base_cfg, out=str(tmp_path))
+
+    def kill(epoch: int) -> None:
+        if epoch == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg, on_epoch_end=kill)
+    assert not (tmp_path / "roma_deltas.safetensors").exists()  # no half-written output
+    resumed = run(dataclasses.replace(cfg, resume=True))
+    assert [r.epoch for r in resumed.history] == [0, 1, 2]
+    a, b = read_deltas(expected.deltas), read_deltas(resumed.deltas)
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
+    assert resumed.accuracy_after == expected.accuracy_after
+
+
+def test_unchanged_stages_are_reused(uninterrupted):
+    cfg, first = uninterrupted
+    again = run(cfg)
+    assert set(again.reused) >= {"embeddings", "prefix", "snapshot", "neighbours", "training"}
+    a, b = read_deltas(first.deltas), read_deltas(again.deltas)
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
+
+
+def test_warmup_factor():
+    assert [warmup_factor(s, 10, 0.3) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    assert warmup_factor(0, 10, 0.0) == 1.0
