@@ -94,6 +94,9 @@ def eval_command(
     batch_rows: int = typer.Option(
         16, "--batch-rows", help="hf backend: sequences per forward pass."
     ),
+    device: str = typer.Option(
+        "auto", "--device", help="hf backend: 'auto' (cuda when available), 'cpu' or 'cuda'."
+    ),
 ) -> None:
     """Accuracy of the base and the tuned model, overall and per task (vLLM by default)."""
     from tuner.evaluate import EvalOptions, main
@@ -104,7 +107,7 @@ def eval_command(
             model=model, data=data, deltas=deltas, scoring=scoring, template=template,
             chat_template=chat_template, backend=backend, dtype=dtype, scale=scale, limit=limit,
             skip_bad_rows=skip_bad_rows, allow_mismatch=allow_mismatch, tolerance=tolerance,
-            batch_rows=batch_rows,
+            batch_rows=batch_rows, device=device,
         )  # fmt: skip
         main(opts, json_out, plot, check_against)
 

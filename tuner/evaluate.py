@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,8 @@ class EvalOptions:
     allow_mismatch: bool = False
     tolerance: float | None = None  # None: DEFAULT_TOLERANCE of the dtype
     batch_rows: int = 16  # HF backend: rows per forward pass
+    device: str = "auto"  # HF backend: auto (cuda when available), cpu or cuda
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -63,6 +63,8 @@ class EvalOptions:
             raise ValueError(f"--dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not math.isfinite(self.scale):
             raise ValueError(f"--scale: must be a finite number, got {self.scale}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device: must be auto, cpu or cuda, got {self.device!r}")
         if self.tolerance is not None and self.tolerance < 0:
             raise ValueError(f"--tolerance: must be >= 0, got {self.tolerance}")
 
@@ -205,8 +207,10 @@ def _score(
             )
         return scores
     from tuner.hf_backend import load_hf_model, score_hf
+    from tuner.model import pick_device
 
-    model = load_hf_model(checkpoint, dtype)
+    device = pick_device(opts.device)
+    model = load_hf_model(checkpoint, dtype, device.type)
     for variant in VARIANTS if deltas is not None else VARIANTS[:1]:
         scores[variant] = score_hf(
             checkpoint,
