@@ -115,3 +115,45 @@ def test_prefix_cache_skips_the_frozen_layers(tm, encoded, tmp_path):
         for h in hooks:
             h.remove()
     assert calls == [2, 3]
+
+
+def test_scores_match_the_full_model_logits(tm, encoded):
+    """Choice scores equal lm-eval style sums of log-probs from the model's own full logits."""
+    for scoring in ("letter", "loglik"):
+        enc = encoded[scoring]
+        _, out, scored = _run(tm, enc, [0, 1, 2, 3])
+        for s, e in enumerate(enc):
+            rows = (
+                [e.prompt_ids + c for c in e.continuations]
+                if e.continuations
+                else [e.prompt_ids + (e.target_ids or [])]
+            )
+            logps = []
+            for row in rows:
+                with torch.no_grad():
+                    logits = tm.model(input_ids=torch.tensor([row])).logits[0].float()
+                logps.append(torch.log_softmax(logits, -1))
+            n = len(e.prompt_ids)
+            if e.option_ids is not None:  # restricted to the options: CE-equivalent logits
+                full = logps[0][n - 1, e.option_ids]
+                got = out.choice_scores[s, : len(e.option_ids)]
+                torch.testing.assert_close(
+                    torch.log_softmax(got, -1), torch.log_softmax(full, -1), atol=1e-4, rtol=1e-4
+                )
+            elif e.continuations is not None:
+                sums = torch.stack(
+                    [
+                        lp[n - 1 + torch.arange(len(c)), torch.tensor(c)].sum()
+                        for lp, c in zip(logps, e.continuations, strict=True)
+                    ]
+                )
+                torch.testing.assert_close(
+                    out.choice_scores[s, : len(sums)], sums, atol=1e-4, rtol=1e-4
+                )
+            else:  # free-form: mean NLL, correct iff greedy reproduces the completion
+                t = torch.tensor(e.target_ids)
+                pos = n - 1 + torch.arange(len(t))
+                torch.testing.assert_close(
+                    scored.loss[s], -logps[0][pos, t].mean(), atol=1e-4, rtol=1e-4
+                )
+                assert bool(scored.correct[s]) == bool((logps[0][pos].argmax(-1) == t).all())

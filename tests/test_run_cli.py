@@ -50,7 +50,8 @@ def test_lambda_zero_and_positive_give_different_deltas(tiny_dir, data, tmp_path
     results = {}
     for lam in ("0", "1.0"):
         out = tmp_path / f"lam{lam}"
-        result = _run(*common, "--lambda", lam, "--out", str(out))
+        val = ["--val", str(data)] if lam != "0" else []
+        result = _run(*common, "--lambda", lam, "--out", str(out), *val)
         assert result.exit_code == 0, result.output
         assert "train accuracy:" in result.output and "deltas:" in result.output
         results[lam] = read_deltas(out)
@@ -58,6 +59,9 @@ def test_lambda_zero_and_positive_give_different_deltas(tiny_dir, data, tmp_path
         assert config["config"]["lam"] == float(lam)
     plain, roma = results["0"], results["1.0"]
     assert plain.training["method"] == "router-tuning" and roma.training["method"] == "roma"
+    assert roma.training["val_accuracy_before"] is not None
+    assert roma.training["epochs"][0]["val_accuracy"] == roma.training["val_accuracy_after"]
+    assert plain.training["val_accuracy_before"] is None
     assert plain.training["epochs"][0]["manifold"] > 0  # measured, just not trained on
     assert sorted(plain.tensors) == sorted(roma.tensors)
     assert any(not torch.equal(plain.tensors[n], roma.tensors[n]) for n in plain.tensors)

@@ -79,10 +79,12 @@ def run_command(
 def _run(cfg: object, progress: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from transformers.utils import logging as hf_logging
 
     from tuner.pipeline import run
     from tuner.progress import Bars
 
+    hf_logging.disable_progress_bar()  # our own bars cover loading; keep stderr readable
     console = Console(stderr=True)
     result = run(cfg, Bars(progress, console), lambda msg: console.print(msg, markup=False))  # type: ignore[arg-type]
     table = Table(title="roma-tune run")
