@@ -112,3 +112,16 @@ def test_unchanged_stages_are_reused(uninterrupted):
 def test_warmup_factor():
     assert [warmup_factor(s, 10, 0.3) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
     assert warmup_factor(0, 10, 0.0) == 1.0
+
+
+def test_refresh_never_keeps_the_initial_targets(base_cfg, tmp_path):
+    cfg = dataclasses.replace(
+        base_cfg, out=str(tmp_path), refresh="never", epochs=2, limit=16, layers="last1",
+        cache_prefix=False,
+    )  # fmt: skip
+    result = run(cfg)
+    first, second = result.history
+    assert first.train_accuracy is None  # no re-measurement between epochs
+    assert second.train_accuracy == result.accuracy_after
+    assert first.successful == second.successful
+    assert read_deltas(result.deltas).layers == [3]
