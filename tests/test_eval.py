@@ -124,7 +124,7 @@ def test_compare_separates_near_ties_from_disagreements() -> None:
             "backend": backend,
             "data": "d",
             "data_fingerprint": "f",
-            "summary": {"base": {}},
+            "overall": {"base": {}},
             "samples": samples,
         }
 
@@ -186,12 +186,12 @@ def test_hf_report_structure_and_deltas_change_scores(
     for key in ("model", "deltas", "backend", "dtype", "scoring", "data_fingerprint", "tolerance"):
         assert key in report
     assert report["backend"] == "hf" and report["dtype"] == "float32"
-    assert set(report["summary"]) >= {"base", "tuned", "changed_predictions"}
+    assert set(report["overall"]) >= {"base", "tuned", "changed_predictions"}
     assert set(report["per_task"]) == {"colors", "animals", "sky", "pairs", "free"}
     n = len(_rows())
-    assert report["summary"]["base"]["n"] == n == len(report["samples"])
+    assert report["overall"]["base"]["n"] == n == len(report["samples"])
     for variant in ("base", "tuned"):
-        s = report["summary"][variant]
+        s = report["overall"][variant]
         assert s["correct"] == sum(x[variant]["correct"] for x in report["samples"])
         assert s["accuracy"] == pytest.approx(s["correct"] / n)
         per_task_n = sum(t[variant]["n"] for t in report["per_task"].values())
@@ -219,7 +219,7 @@ def test_eval_defaults_to_the_training_scoring(setup: dict[str, Path]) -> None:
                     backend="hf", limit=3)
     )  # fmt: skip
     assert report["scoring"] == "loglik"
-    assert report["summary"]["base"]["n"] == 3
+    assert report["overall"]["base"]["n"] == 3
 
 
 def test_eval_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -283,4 +283,4 @@ def test_vllm_and_hf_agree(setup: dict[str, Path], hf_json: Path) -> None:
             moved = max(moved, *(abs(a - b) for a, b in pairs))
     assert worst < 1e-3  # float32 on both sides: kernel-level differences only
     assert moved > 0.05  # and the plugin did apply the deltas
-    assert not math.isnan(report["summary"]["tuned"]["accuracy"])
+    assert not math.isnan(report["overall"]["tuned"]["accuracy"])

@@ -7,6 +7,11 @@ and report, per sample, the prediction and its margin; ``--check-against`` compa
 with an earlier one (typically the other backend) and reports disagreements, which are
 acceptable only as near-ties (margin below ``--tolerance``).
 
+The JSON report (``--json``) holds the run's settings, ``overall`` (accuracy, correct, n and
+near-ties per variant, plus ``changed_predictions``), ``per_task`` (the same per task) and
+``samples`` (per sample and variant: prediction, correct, margin, choice scores or greedy
+tokens); ``agreement`` is added by ``--check-against``.
+
 Without ``--scoring`` / ``--template`` / ``--chat-template`` the values recorded in the
 delta file's training config are used, so a tuned model is evaluated on prompts rendered as
 in training.
@@ -158,7 +163,7 @@ def compare(report: dict[str, Any], other: dict[str, Any], tolerance: float) -> 
         )
     out: dict[str, Any] = {"backends": [report["backend"], other["backend"]]}
     for variant in VARIANTS:
-        if variant not in report["summary"] or variant not in other["summary"]:
+        if variant not in report["overall"] or variant not in other["overall"]:
             continue
         ties: list[int] = []
         real: list[int] = []
@@ -273,7 +278,7 @@ def evaluate(
 
     scores = _score(opts, checkpoint, encoded, deltas, dtype, pad_id, progress)
     tasks = [e.task for e in data.examples]
-    summary, per_task = summarise(tasks, scores, tolerance)
+    overall, per_task = summarise(tasks, scores, tolerance)
     samples = []
     for i, (ex, enc) in enumerate(zip(data.examples, encoded, strict=True)):
         row: dict[str, Any] = {
@@ -303,7 +308,7 @@ def evaluate(
         "chat_template": chat,
         "tolerance": tolerance,
         "options": asdict(opts),
-        "summary": summary,
+        "overall": overall,
         "per_task": per_task,
         "samples": samples,
     }
@@ -320,9 +325,9 @@ def table(report: dict[str, Any]) -> Any:
     """A rich table: accuracy per task and overall, base and tuned side by side."""
     from rich.table import Table
 
-    variants = [v for v in VARIANTS if v in report["summary"]]
+    variants = [v for v in VARIANTS if v in report["overall"]]
     backend = {"vllm": "vLLM", "hf": "transformers"}[report["backend"]]
-    n = report["summary"]["base"]["n"]
+    n = report["overall"]["base"]["n"]
     t = Table(title=f"Accuracy % ({backend}, {report['scoring']} scoring, {n} samples)")
     t.add_column("task")
     t.add_column("n", justify="right")
@@ -341,14 +346,14 @@ def table(report: dict[str, Any]) -> Any:
         for task, entry in report["per_task"].items():
             t.add_row(task, str(entry["base"]["n"]), *cells(entry))
         t.add_section()
-    t.add_row("[b]all[/b]", str(n), *cells(report["summary"]))
+    t.add_row("[b]all[/b]", str(n), *cells(report["overall"]))
     return t
 
 
 def notes(report: dict[str, Any]) -> list[str]:
     """One-line remarks under the table: skipped rows, near-ties, agreement."""
     out = []
-    s = report["summary"]
+    s = report["overall"]
     if report["skipped_rows"]:
         out.append(f"{report['skipped_rows']} bad rows skipped")
     ties = {v: s[v]["near_ties"] for v in VARIANTS if v in s and s[v]["near_ties"]}

@@ -35,11 +35,11 @@ def _save(fig: Any, path: str | os.PathLike) -> None:
 def accuracy_bars(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Grouped bars: accuracy per task (and overall), base vs tuned, from an eval report."""
     plt = _pyplot()
-    variants = [v for v in ("base", "tuned") if v in report["summary"]]
+    variants = [v for v in ("base", "tuned") if v in report["overall"]]
     tasks = list(report["per_task"])
     labels = [*tasks, "all"] if len(tasks) > 1 else ["all"]
     entries = [report["per_task"][t] for t in tasks] if len(tasks) > 1 else []
-    entries.append(report["summary"])
+    entries.append(report["overall"])
     x = np.arange(len(labels))
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 3.8))
