@@ -271,7 +271,7 @@ class Pipeline:
         emb = self.embeddings()
         prefix = self.prefix()
         snap = self.snapshot(prefix)
-        self.neighbours(emb, snap)  # cached; training rebuilds from the snapshot identically
+        neighbours = self.neighbours(emb, snap)
         val_before = (
             self.measure(self.val_encoded, "validation").accuracy if self.val_encoded else None
         )
@@ -304,6 +304,7 @@ class Pipeline:
             lambda: self.measure(self.encoded, "train accuracy", prefix),
             ckpt_dir,
             resume=cfg.resume or complete,
+            neighbours=neighbours,
             prefix=prefix,
             validate=validate,
             bars=self.bars,

@@ -114,6 +114,7 @@ def train(
     checkpoint_dir: Path,
     *,
     resume: bool = False,
+    neighbours: Neighbours | None = None,
     prefix: PrefixCache | None = None,
     validate: Callable[[], float] | None = None,
     bars: Any = None,
@@ -123,7 +124,7 @@ def train(
     """Train ``tm``'s routers for ``cfg.epochs`` epochs; returns the history and final snapshot.
 
     ``snapshot`` is the routing snapshot before training; ``neighbours_for`` builds N(i) and
-    W from a snapshot; ``take_snapshot`` re-measures with the current routers. With
+    W from a snapshot (``neighbours``: those of ``snapshot``, when already built); ``take_snapshot`` re-measures with the current routers. With
     ``resume`` the latest checkpoint in ``checkpoint_dir`` is loaded and training continues
     after it (a completed run is returned as is).
     """
@@ -135,7 +136,8 @@ def train(
     total_steps = batches_per_epoch * cfg.epochs
     result = TrainResult()
     start = 0
-    neighbours = neighbours_for(snapshot)
+    if neighbours is None:
+        neighbours = neighbours_for(snapshot)
     final: Snapshot | None = None
 
     ckpt = latest_checkpoint(checkpoint_dir) if resume else None
