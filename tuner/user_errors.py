@@ -15,11 +15,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (each is one line)."""
     from tuner.data import DataError
     from tuner.encode import EncodeError
+    from tuner.vllm_backend import EngineStartError
 
     return (
         DeltaError,
         DataError,
         EncodeError,
+        EngineStartError,
         UnsupportedModelError,
         FileNotFoundError,
         ValueError,

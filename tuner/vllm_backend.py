@@ -31,6 +31,10 @@ from tuner.eval_scores import SampleScore, choose, free_form, max_length
 CHUNK = 256  # requests per generate() call, for progress updates
 
 
+class EngineStartError(RuntimeError):
+    """vLLM did not start; its own log (printed above) names the root cause."""
+
+
 def engine_kwargs(
     checkpoint: Path,
     *,
@@ -66,7 +70,14 @@ def engine(**kwargs: Any) -> Iterator[Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    llm = LLM(**kwargs)
+    what = "the tuned model" if kwargs.get("load_format") == "roma" else "the base model"
+    try:
+        llm = LLM(**kwargs)
+    except Exception as e:  # vLLM logs the root cause from its engine process
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise EngineStartError(
+            f"vLLM could not start {what} ({kwargs['model']}): {detail}; see vLLM's log above"
+        ) from None
     try:
         yield llm
     finally:
