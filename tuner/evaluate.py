@@ -107,13 +107,10 @@ def training_config(deltas: Any) -> dict[str, Any]:
 
 
 def resolve_template(template: str | None) -> str | None:
-    """``--template``: a file holding the template, or the template text itself."""
-    if template is None:
-        return None
-    path = Path(template)
-    if "{" not in template and path.is_file():
-        return path.read_text()
-    return template
+    """``--template``: a file holding the template, or the template text itself (as in run)."""
+    from tuner.run_cmd import read_template
+
+    return read_template(template)
 
 
 # ------------------------------------------------------------------ summaries
