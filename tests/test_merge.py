@@ -93,6 +93,7 @@ def test_merged_routers_and_other_tensors(sharded: tuple[Path, Path], tmp_path: 
     record = json.loads((out / MERGE_RECORD).read_text())
     assert record["scale"] == 0.5 and set(record["replaced"]) == set(deltas.tensors)
     assert not list(tmp_path.glob(".merged.*"))  # no temporary folder left behind
+    assert out.stat().st_mode & 0o777 == model.stat().st_mode & 0o777  # not a private 0700
 
 
 def test_merged_model_equals_in_memory_deltas(sharded: tuple[Path, Path], tmp_path: Path) -> None:

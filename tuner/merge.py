@@ -161,6 +161,9 @@ def merge(
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``, replacing an existing folder only once ``tmp`` is whole."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); a checkpoint is not
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
