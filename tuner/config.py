@@ -17,13 +17,15 @@ from typing import Any
 
 SCORING_CHOICES = ("letter", "loglik")
 REFRESH_CHOICES = ("epoch", "never")
-DTYPE_CHOICES = ("bfloat16", "float32")
+DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# transformers' from_pretrained(device_map=...) strategies
+DEVICE_MAP_CHOICES = ("auto", "balanced", "sequential")
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 LAYERS_RE = re.compile(r"all|last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 # Fields that do not change what a run computes, left out of the hash that keys its caches.
-_NOT_HASHED = {"out", "resume", "device"}
+_NOT_HASHED = {"out", "resume", "device", "device_map"}
 
 
 class ConfigError(ValueError):
@@ -81,9 +83,11 @@ class TuneConfig:
     )
     seed: int = _f(0, "Random seed: the same seed gives the same deltas.")
     dtype: str = _f(
-        "bfloat16",
-        "dtype of the frozen weights (routers always train in float32); on CPUs without native "
-        "bf16, float32 is several times faster.",
+        "auto",
+        "dtype of the frozen weights (routers always train in float32): 'auto' is bfloat16 "
+        "when training on CUDA and float32 on CPU (bf16 matmuls are ~10x slower on CPUs "
+        "without native bf16); or 'bfloat16' / 'float32'. The resolved dtype is recorded in "
+        "config.json and the delta metadata.",
     )
     cache_prefix: bool = _f(
         False,
@@ -99,7 +103,18 @@ class TuneConfig:
     trust_remote_code: bool = _f(
         False, "Allow the checkpoint's own modelling code (only if you trust it)."
     )
-    device: str = _f("auto", "Device: 'auto' (cuda when available), 'cpu' or 'cuda'.")
+    device: str = _f(
+        "auto",
+        "Device: 'auto' (cuda when available), 'cpu' or 'cuda'. Under torchrun each process "
+        "uses the GPU of its LOCAL_RANK.",
+    )
+    device_map: str | None = _f(
+        None,
+        "Spread a model too large for one device over all visible GPUs: 'auto', 'balanced' "
+        "or 'sequential' (transformers' device_map; needs accelerate). Frozen layers are "
+        "sharded, each tuned router trains on the device holding it, the loss is gathered on "
+        "the input device. One process only: not with torchrun.",
+    )
     max_grad_norm: float | None = _f(1.0, "Clip router gradients to this norm (none to disable).")
 
     def __post_init__(self) -> None:
@@ -126,6 +141,16 @@ class TuneConfig:
             self.device in DEVICE_CHOICES,
             "--device",
             f"must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}",
+        )
+        need(
+            self.device_map is None or self.device_map in DEVICE_MAP_CHOICES,
+            "--device-map",
+            f"must be one of {', '.join(DEVICE_MAP_CHOICES)}, got {self.device_map!r}",
+        )
+        need(
+            self.device_map is None or self.device == "auto",
+            "--device-map",
+            f"decides where each layer goes; leave out --device {self.device}",
         )
         need(self.k >= 1, "--k", f"must be at least 1, got {self.k}")
         need(self.eps is None or 0 < self.eps <= 1, "--eps", f"must be in (0, 1], got {self.eps}")

@@ -249,32 +249,36 @@ def decoder_hidden(
 
 
 def head_scores(tm: TunerModel, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """(choice_scores, token_logprobs, token_hit) from final hidden states."""
+    """(choice_scores, token_logprobs, token_hit) from final hidden states.
+
+    Computed on the device of ``hidden`` (the LM head's, with a device map).
+    """
     flat = hidden.reshape(-1, hidden.shape[-1])
+    dev = flat.device
     head = tm.lm_head
     bias = getattr(head, "bias", None)
-    scores = torch.full(
-        (batch.size * batch.cmax,), float("-inf"), device=flat.device, dtype=torch.float32
-    )
+    scores = torch.full((batch.size * batch.cmax,), float("-inf"), device=dev, dtype=torch.float32)
     if batch.opt_flat.numel():
-        h = flat.index_select(0, batch.opt_flat).float()
-        w = head.weight.index_select(0, batch.opt_token).float()
+        opt_token = batch.opt_token.to(head.weight.device)
+        h = flat.index_select(0, batch.opt_flat.to(dev)).float()
+        w = head.weight.index_select(0, opt_token).to(dev).float()
         logit = (h * w).sum(-1)
         if bias is not None:
-            logit = logit + bias.index_select(0, batch.opt_token).float()
-        scores = scores.index_put((batch.opt_slot,), logit)
-    token_logprobs = torch.zeros(0, device=flat.device)
-    token_hit = torch.zeros(0, dtype=torch.bool, device=flat.device)
+            logit = logit + bias.index_select(0, opt_token).to(dev).float()
+        scores = scores.index_put((batch.opt_slot.to(dev),), logit)
+    token_logprobs = torch.zeros(0, device=dev)
+    token_hit = torch.zeros(0, dtype=torch.bool, device=dev)
     if batch.tok_flat.numel():
-        logits = head(flat.index_select(0, batch.tok_flat)).float()
+        tok_target, tok_slot = batch.tok_target.to(dev), batch.tok_slot.to(dev)
+        logits = head(flat.index_select(0, batch.tok_flat.to(dev))).float().to(dev)
         logprobs = torch.log_softmax(logits, dim=-1)
-        token_logprobs = logprobs.gather(1, batch.tok_target[:, None])[:, 0]
-        token_hit = logits.argmax(-1) == batch.tok_target
-        mc = batch.tok_slot >= 0
+        token_logprobs = logprobs.gather(1, tok_target[:, None])[:, 0]
+        token_hit = logits.argmax(-1) == tok_target
+        mc = tok_slot >= 0
         if mc.any():
-            sums = torch.zeros_like(scores).index_add(0, batch.tok_slot[mc], token_logprobs[mc])
+            sums = torch.zeros_like(scores).index_add(0, tok_slot[mc], token_logprobs[mc])
             has = torch.zeros_like(scores, dtype=torch.bool)
-            has[batch.tok_slot[mc]] = True
+            has[tok_slot[mc]] = True
             scores = torch.where(has, sums, scores)
     return scores.view(batch.size, batch.cmax), token_logprobs, token_hit
 
@@ -287,9 +291,12 @@ def forward(
 ) -> Outputs:
     """One forward pass: scores at the scored positions and the routing vectors.
 
-    Gradient flows to the tuned routers when called with grad enabled.
+    Gradient flows to the tuned routers when called with grad enabled. The outputs are on
+    the batch's device (with a device map the head and routers may sit elsewhere; their
+    small outputs are gathered here, so the loss is computed on one device).
     """
     capture.positions = batch.last
     hidden = decoder_hidden(tm, batch, prefix)
     scores, logprobs, hits = head_scores(tm, hidden, batch)
-    return Outputs(scores, logprobs, hits, capture.vectors())
+    dev = batch.last.device
+    return Outputs(scores.to(dev), logprobs.to(dev), hits.to(dev), capture.vectors(dev))

@@ -1,13 +1,20 @@
 """Load a Hugging Face MoE model for router tuning.
 
 Everything is frozen except the routers of the tuned layers. Frozen weights stay in the
-requested dtype (bf16 by default); the tuned routers hold float32 master weights copied
-from the checkpoint's own values, so deltas are exact. A forward pre-hook casts a tuned
+requested dtype (``auto``: bf16 on CUDA, float32 on CPU, where bf16 matmuls are ~10x
+slower); the tuned routers hold float32 master weights copied from the checkpoint's own
+values, so deltas are exact. A forward pre-hook casts a tuned
 router's input to float32, and the router returns float32 logits and scores, which every
 supported experts implementation casts back when it accumulates into the hidden states.
 
 Layers below the lowest tuned router need no special handling to run without autograd:
 no tensor there requires grad, so autograd records nothing until the first tuned router.
+
+With ``device_map`` (``--device-map auto``) transformers/accelerate place the frozen layers
+over every visible device; each tuned router's master weight is created on the device that
+holds its layer and trains there. Batches go to the input-embedding device
+(:attr:`TunerModel.device`) and :func:`tuner.forward.forward` gathers its outputs back there,
+so the loss lives on one device.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ DEFAULT_LAST_LAYERS = 5
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+class DeviceMapError(ValueError):
+    """``--device-map`` could not keep every tuned router resident on a device."""
+
+
 class LayersError(ValueError):
     """``--layers`` names layers that have no router."""
 
@@ -60,11 +71,15 @@ class TunerModel:
     base: dict[str, torch.Tensor]  # checkpoint name -> stored base tensor
     num_experts: int
     fingerprint: str  # identity of the base checkpoint
+    dtype: str = "float32"  # resolved dtype of the frozen weights
+    device_map: dict[str, str] | None = None  # module -> device, with --device-map
     _hooks: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.tuned.values())).device
+        """Where batches go: the device of the input embeddings (the only one without a
+        device map); forward outputs and the loss are gathered here too."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def decoder(self) -> Any:
@@ -136,11 +151,31 @@ def checkpoint_fingerprint(ckpt: Path, router_names: list[str]) -> str:
 
 
 def pick_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` / ``cuda:N`` / ``cpu`` as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
     return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto`` -> ``bfloat16`` on CUDA, ``float32`` elsewhere (CPU bf16 matmuls are ~10x
+    slower than float32 on CPUs without native bf16); explicit names are kept."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype: must be auto, {' or '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def _placement(hf: Any) -> dict[str, str]:
+    """Module -> device as accelerate dispatched it; ``{"": device}`` when one device holds
+    everything (transformers then sets no ``hf_device_map``)."""
+    placed = getattr(hf, "hf_device_map", None)
+    if placed:
+        return {k: str(v) for k, v in placed.items()}
+    return {"": str(next(hf.parameters()).device)}
 
 
 def _to_fp32_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -152,14 +187,21 @@ def _to_fp32_input(module: torch.nn.Module, args: tuple) -> tuple:
 def load_model(
     model: str,
     layers: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> TunerModel:
     """Load ``model`` frozen, with float32 trainable routers on the ``layers`` to tune.
 
+    ``dtype`` ``auto`` resolves to bfloat16 on CUDA and float32 on CPU (see
+    :func:`resolve_dtype`; the result is ``TunerModel.dtype``). ``device_map`` (``auto``,
+    ``balanced``, ``sequential``) spreads the model over every visible device instead of
+    moving it to ``device``.
+
     Raises :class:`UnsupportedModelError` (no routers; names the architecture and the
-    supported ones) or :class:`LayersError` (``layers`` out of range).
+    supported ones), :class:`LayersError` (``layers`` out of range) or
+    :class:`DeviceMapError` (a tuned router was offloaded).
     """
     import transformers
 
@@ -171,8 +213,11 @@ def load_model(
     tuned_layers = parse_layers(layers, moe_layers)
     tuned_names = [n for n, layer in routers.items() if layer in tuned_layers]
 
-    dev = pick_device(device)
+    dev = pick_device("auto" if device_map else device)
+    dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
     if dev.type == "cpu":
         kwargs["experts_implementation"] = "eager"  # batched_mm is ~70x slower on CPU
     cls = getattr(transformers, arch, None) if not trust_remote_code else None
@@ -184,7 +229,9 @@ def load_model(
     except TypeError:  # a model class without the experts_implementation switch
         kwargs.pop("experts_implementation", None)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
-    hf.to(dev).eval()
+    if not device_map:
+        hf.to(dev)
+    hf.eval()
     hf.requires_grad_(False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(ckpt), trust_remote_code=trust_remote_code
@@ -198,8 +245,15 @@ def load_model(
     modules: dict[int, torch.nn.Module] = {}
     for name in tuned_names:
         param = hf_parameter(hf, name)
+        if param.device.type == "meta":
+            raise DeviceMapError(
+                f"--device-map {device_map}: {name} was offloaded (the model does not fit in "
+                "the visible devices' memory), and an offloaded router cannot train; use more "
+                "or larger GPUs, --dtype bfloat16, or fewer --layers"
+            )
         with torch.no_grad():
-            param.data = base[name].to(dev, torch.float32).clone()  # exact master weights
+            # exact master weights, on the device that holds this router's layer
+            param.data = base[name].to(param.device, torch.float32).clone()
         param.requires_grad_(True)
         tuned[name] = param
         module_name = names[id(param)].rsplit(".", 1)[0]
@@ -217,6 +271,8 @@ def load_model(
         base=base,
         num_experts=int(num_experts(config) or next(iter(base.values())).shape[0]),
         fingerprint=checkpoint_fingerprint(ckpt, list(routers)),
+        dtype=dtype,
+        device_map=_placement(hf) if device_map else None,
     )
     if DTYPES[dtype] != torch.float32:
         for module in tm.router_modules.values():
@@ -235,14 +291,20 @@ def describe(tm: TunerModel) -> dict[str, Any]:
         "tuned_tensors": sorted(tm.tuned),
         "trainable_parameters": sum(p.numel() for p in tm.tuned.values()),
         "num_experts": tm.num_experts,
+        "dtype": tm.dtype,
+        "device": str(tm.device),
+        "devices": sorted({str(p.device) for p in tm.tuned.values()} | {str(tm.device)}),
+        "device_map": tm.device_map,
     }
 
 
 __all__ = [
+    "DeviceMapError",
     "LayersError",
     "TunerModel",
     "UnsupportedModelError",
     "describe",
     "load_model",
     "parse_layers",
+    "resolve_dtype",
 ]

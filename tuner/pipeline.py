@@ -6,6 +6,11 @@ and reused when that file exists: re-running an unchanged command redoes nothing
 ``--k`` recomputes only the neighbours and the training. Training checkpoints live in
 ``RUN_DIR/checkpoints/<hash>``; a finished training is reused, an interrupted one is
 continued with ``--resume``. Every file is written atomically.
+
+Under torchrun every rank runs the pipeline (:mod:`tuner.distributed`): rank 0 computes
+embeddings and neighbours and shares them, the snapshot and validation passes are split
+over the ranks, training is data parallel, and only rank 0 writes files, logs and shows
+progress.
 """
 
 from __future__ import annotations
@@ -24,12 +29,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from roma_vllm import __version__
-from roma_vllm.deltas import atomic_write
-from tuner.config import TuneConfig
+from roma_vllm.deltas import DELTAS_FILENAME, atomic_write
+from tuner.config import ConfigError, TuneConfig
 from tuner.data import Dataset, load_examples
+from tuner.distributed import (
+    SINGLE,
+    barrier,
+    broadcast,
+    init,
+    launched_world_size,
+    reduce_disjoint,
+    shutdown,
+)
 from tuner.embed import embed_texts
 from tuner.encode import Encoded, encode
 from tuner.export import CONFIG_FILENAME, LOG_FILENAME, export_deltas, write_json, write_log
+from tuner.forward import sorted_batches
 from tuner.model import TunerModel, describe, load_model
 from tuner.neighbours import Neighbours, find_neighbours
 from tuner.prefix import PrefixCache
@@ -82,14 +97,26 @@ class Pipeline:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.cache_dir = self.run_dir / "cache"
-        self.bars = bars or Bars(enabled=False)
-        self.echo = echo or (lambda msg: None)
+        self._bars = bars or Bars(enabled=False)
+        self._echo = echo or (lambda msg: None)
+        self.dist = SINGLE
         self.events: list[dict[str, Any]] = []
         self.reused: list[str] = []
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def bars(self) -> Bars:
+        """Progress bars: rank 0's only."""
+        return self._bars if self.dist.is_main else Bars(enabled=False)
+
+    def echo(self, msg: str) -> None:
+        if self.dist.is_main:
+            self._echo(msg)
+
     def log(self, event: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         self.events.append({"time": round(time.time(), 3), **event})
         write_log(self.run_dir / LOG_FILENAME, self.events)
 
@@ -109,6 +136,14 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def load(self) -> None:
         cfg = self.cfg
+        if cfg.device_map and launched_world_size() > 1:
+            raise ConfigError(
+                f"--device-map: spreads one model over every GPU of a single process and "
+                f"cannot be combined with torchrun ({launched_world_size()} processes); use "
+                "--device-map in one process, or torchrun with one GPU per process"
+            )
+        self.dist = init(cfg.device)
+        device = self.dist.device if self.dist.enabled else cfg.device
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data: Dataset = load_examples(
             cfg.data, skip_bad_rows=cfg.skip_bad_rows, limit=cfg.limit
@@ -120,12 +155,14 @@ class Pipeline:
             self.val = load_examples(cfg.val, skip_bad_rows=cfg.skip_bad_rows)
             self.echo(f"validation: {len(self.val)} examples")
         self.tm: TunerModel = load_model(
-            cfg.model, cfg.layers, cfg.dtype, cfg.device, cfg.trust_remote_code
+            cfg.model, cfg.layers, cfg.dtype, device, cfg.trust_remote_code, cfg.device_map
         )
-        info = describe(self.tm)
+        info = self.model_info()
         self.echo(
             f"model: {self.tm.architecture}, tuning routers of layers {self.tm.layers} "
-            f"({info['trainable_parameters']:,} parameters)"
+            f"({info['trainable_parameters']:,} parameters); {info['dtype']} on "
+            f"{', '.join(info['devices'])}"
+            + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
         )
         tok = self.tm.tokenizer
         self.encoded: list[Encoded] = encode(
@@ -143,13 +180,15 @@ class Pipeline:
         )
         self.keys = {
             "embeddings": _key(self.data.fingerprint, cfg.embedder),
-            "prefix": _key(enc, self.tm.layers[0], cfg.dtype),
-            "snapshot": _key(enc, self.tm.layers, cfg.dtype),
+            "prefix": _key(enc, self.tm.layers[0], self.tm.dtype),
+            "snapshot": _key(enc, self.tm.layers, self.tm.dtype),
         }
         self.keys["neighbours"] = _key(
             self.keys["snapshot"], self.keys["embeddings"], cfg.hash("k", "eps", "sigma")
         )
         self.keys["train"] = _key(self.keys["snapshot"], self.keys["embeddings"], cfg.hash())
+        if not self.dist.is_main:
+            return
         write_json(
             self.run_dir / CONFIG_FILENAME,
             {
@@ -161,6 +200,10 @@ class Pipeline:
             },
         )
         self.log({"event": "start", "config": cfg.to_dict(), "model": info})
+
+    def model_info(self) -> dict[str, Any]:
+        """:func:`tuner.model.describe` plus the number of data-parallel processes."""
+        return {**describe(self.tm), "world_size": self.dist.world_size}
 
     def _data_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -179,6 +222,11 @@ class Pipeline:
         return info
 
     def embeddings(self) -> np.ndarray:
+        """Task embeddings of the training prompts (rank 0 computes, every rank gets them)."""
+        emb = self._embeddings() if self.dist.is_main else None
+        return broadcast(emb, self.dist)
+
+    def _embeddings(self) -> np.ndarray:
         path = self.cache_dir / f"embeddings-{self.keys['embeddings']}.npy"
         if self._cached("embeddings", path):
             return np.load(path)
@@ -191,9 +239,22 @@ class Pipeline:
         return emb
 
     def prefix(self) -> PrefixCache | None:
+        """The ``--cache-prefix`` states: rank 0 builds them in RUN_DIR, the others read."""
         if not self.cfg.cache_prefix:
             return None
         path = self.cache_dir / f"prefix-{self.keys['prefix']}.bin"
+        cache = self._prefix(path) if self.dist.is_main else None
+        barrier(self.dist)
+        if cache is None:
+            cache = PrefixCache.open(path)
+            if cache is None:
+                raise FileNotFoundError(
+                    f"--cache-prefix: rank {self.dist.rank} cannot read {path}, written by "
+                    "rank 0; with several machines --out must be on a filesystem they share"
+                )
+        return cache
+
+    def _prefix(self, path: Path) -> PrefixCache:
         cache = PrefixCache.open(path)
         if cache is not None:
             self._cached("prefix", path)
@@ -214,18 +275,45 @@ class Pipeline:
     def measure(
         self, encoded: list[Encoded], name: str, prefix: PrefixCache | None = None
     ) -> Snapshot:
-        with self.bars.task(name, len(encoded)) as advance:
-            return take_snapshot(self.tm, encoded, self.cfg.batch_size, prefix, advance)
+        """A no-grad pass over ``encoded`` with the current routers (split over the ranks
+        under torchrun; every rank gets the whole snapshot)."""
+        d, bs = self.dist, self.cfg.batch_size
+        if not d.enabled:
+            with self.bars.task(name, len(encoded)) as advance:
+                return take_snapshot(self.tm, encoded, bs, prefix, advance)
+        # This rank's share: every world_size-th of the length-sorted batches. Listed in
+        # global sorted order they sort (and so batch) exactly as they do in one process,
+        # so every sample's result is bit for bit the single-process one.
+        mine = [i for b in sorted_batches(encoded, bs)[d.rank :: d.world_size] for i in b]
+        view = prefix.remapped(mine) if prefix is not None else None
+        with self.bars.task(name, len(mine)) as advance:
+            part = take_snapshot(self.tm, [encoded[i] for i in mine], bs, view, advance)
+        n, where = len(encoded), torch.tensor(mine, dtype=torch.long)
+        full = {
+            "correct": torch.zeros(n, dtype=torch.bool),
+            "prediction": torch.zeros(n, dtype=torch.long),  # + 1: zero means "not mine"
+            "loss": torch.zeros(n),
+            "routing": torch.zeros(n, part.routing.shape[1]),
+        }
+        full["correct"][where] = part.correct
+        full["prediction"][where] = part.prediction + 1
+        full["loss"][where] = part.loss
+        full["routing"][where] = part.routing
+        full = reduce_disjoint(full, d)
+        return Snapshot(full["correct"], full["prediction"] - 1, full["loss"], full["routing"])
 
     def snapshot(self, prefix: PrefixCache | None) -> Snapshot:
         path = self.cache_dir / f"snapshot-{self.keys['snapshot']}.safetensors"
-        if self._cached("snapshot", path):
+        snap = None
+        if self.dist.is_main and self._cached("snapshot", path):
             snap = Snapshot.from_tensors(load_file(str(path)))
-        else:
+        snap = broadcast(snap, self.dist)
+        if snap is None:
             t0 = time.perf_counter()
             snap = self.measure(self.encoded, "routing snapshot", prefix)
             tensors = {k: v.contiguous() for k, v in snap.tensors().items()}
-            atomic_write(path, lambda tmp: save_file(tensors, tmp))
+            if self.dist.is_main:
+                atomic_write(path, lambda tmp: save_file(tensors, tmp))
             self._timed("snapshot", t0)
         n_ok = int(snap.correct.sum())
         self.echo(
@@ -240,32 +328,47 @@ class Pipeline:
             )
         return snap
 
-    def neighbours_for(self, emb: np.ndarray) -> Callable[[Snapshot], Neighbours]:
+    def _find(self, emb: np.ndarray, snap: Snapshot) -> Neighbours:
         cfg = self.cfg
+        return find_neighbours(emb, snap.correct.numpy(), k=cfg.k, sigma=cfg.sigma, eps=cfg.eps)
+
+    def neighbours_for(self, emb: np.ndarray) -> Callable[[Snapshot], Neighbours]:
+        """N(i) and W from a snapshot (rank 0 searches, every rank gets the result)."""
 
         def build(snap: Snapshot) -> Neighbours:
-            return find_neighbours(emb, snap.correct.numpy(), k=cfg.k, sigma=cfg.sigma, eps=cfg.eps)
+            return broadcast(self._find(emb, snap) if self.dist.is_main else None, self.dist)
 
         return build
 
     def neighbours(self, emb: np.ndarray, snap: Snapshot) -> Neighbours:
-        path = self.cache_dir / f"neighbours-{self.keys['neighbours']}.npz"
-        if self._cached("neighbours", path):
-            with np.load(path) as z:
-                nb = Neighbours(z["index"], z["weight"], z["distance"])
-        else:
-            t0 = time.perf_counter()
-            nb = self.neighbours_for(emb)(snap)
-            _save_npz(path, nb.arrays())
-            self._timed("neighbours", t0)
+        nb = self._neighbours(emb, snap) if self.dist.is_main else None
+        nb = broadcast(nb, self.dist)
         if nb.empty:
             self.echo(
                 f"neighbours: {nb.empty} samples have no successful neighbour (manifold term 0)"
             )
         return nb
 
+    def _neighbours(self, emb: np.ndarray, snap: Snapshot) -> Neighbours:
+        path = self.cache_dir / f"neighbours-{self.keys['neighbours']}.npz"
+        if self._cached("neighbours", path):
+            with np.load(path) as z:
+                nb = Neighbours(z["index"], z["weight"], z["distance"])
+        else:
+            t0 = time.perf_counter()
+            nb = self._find(emb, snap)
+            _save_npz(path, nb.arrays())
+            self._timed("neighbours", t0)
+        return nb
+
     # ------------------------------------------------------------------ all
     def run(self, on_epoch_end: Callable[[int], None] | None = None) -> RunResult:
+        try:
+            return self._run(on_epoch_end)
+        finally:
+            shutdown(self.dist)
+
+    def _run(self, on_epoch_end: Callable[[int], None] | None) -> RunResult:
         cfg = self.cfg
         self.load()
         emb = self.embeddings()
@@ -277,18 +380,24 @@ class Pipeline:
         )
 
         ckpt_dir = self.run_dir / "checkpoints" / self.keys["train"]
-        latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-        complete = latest is not None and latest.stem == f"epoch-{cfg.epochs - 1}"
-        if latest is not None and not (cfg.resume or complete):
-            self.echo(
-                "found an unfinished training of this configuration; starting over (use --resume to continue it)"
-            )
-            shutil.rmtree(ckpt_dir)
-        elif cfg.resume and latest is None:
-            self.echo("--resume: no checkpoint of this configuration yet; starting from scratch")
+        complete = False
+        if self.dist.is_main:  # rank 0 owns the checkpoints; train() shares what it loads
+            latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+            complete = latest is not None and latest.stem == f"epoch-{cfg.epochs - 1}"
+            if latest is not None and not (cfg.resume or complete):
+                self.echo(
+                    "found an unfinished training of this configuration; starting over "
+                    "(use --resume to continue it)"
+                )
+                shutil.rmtree(ckpt_dir)
+            elif cfg.resume and latest is None:
+                self.echo(
+                    "--resume: no checkpoint of this configuration yet; starting from scratch"
+                )
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        complete = broadcast(complete, self.dist)
         if complete:
             self.reused.append("training")
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
         validate = (
             (lambda: self.measure(self.val_encoded, "validation").accuracy)
             if self.val_encoded
@@ -310,6 +419,7 @@ class Pipeline:
             bars=self.bars,
             log=self.log,
             on_epoch_end=on_epoch_end,
+            dist=self.dist,
         )
         if not complete:
             self._timed("training", t0)
@@ -321,7 +431,7 @@ class Pipeline:
             "config": cfg.to_dict(),
             "data": self._data_info(),
             "base_fingerprint": self.tm.fingerprint,
-            "model": describe(self.tm),
+            "model": self.model_info(),
             "epochs": [asdict(r) for r in result.history],
             "train_accuracy_before": snap.accuracy,
             "train_accuracy_after": final.accuracy,
@@ -331,7 +441,10 @@ class Pipeline:
             "versions": _versions(),
             "timings": self.timings,
         }
-        deltas = export_deltas(self.tm, self.run_dir, training)
+        deltas = self.run_dir / DELTAS_FILENAME
+        if self.dist.is_main:
+            deltas = export_deltas(self.tm, self.run_dir, training)
+        barrier(self.dist)  # every rank returns once the outputs exist
         self.log(
             {
                 "event": "done",

@@ -10,6 +10,7 @@ lowest tuned layer (:func:`tuner.forward.start_at_layer`).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -113,6 +114,16 @@ class PrefixCache:
         index = {"hidden": hidden, "dtype": name, "elements": offset, "rows": rows}
         atomic_write(cls.index_path(path), lambda tmp: Path(tmp).write_text(json.dumps(index)))
         return cls(path, index)
+
+    def remapped(self, indices: Sequence[int]) -> PrefixCache:
+        """A view for a subset of the samples: local sample ``k`` is sample ``indices[k]``.
+
+        For passes over part of the data (a data-parallel rank's share of a snapshot).
+        """
+        local = {g: k for k, g in enumerate(indices)}
+        view = copy.copy(self)
+        view.offsets = {(local[s], j): v for (s, j), v in self.offsets.items() if s in local}
+        return view
 
     def states(self, batch: Batch) -> torch.Tensor:
         """Padded ``[rows, seq, hidden]`` prefix states of ``batch`` (zeros at padding)."""

@@ -56,14 +56,18 @@ class RoutingCapture:
 
         return hook
 
-    def vectors(self) -> torch.Tensor:
-        """``[samples, layers * experts]`` routing vectors of the last forward pass."""
+    def vectors(self, device: torch.device | None = None) -> torch.Tensor:
+        """``[samples, layers * experts]`` routing vectors of the last forward pass, on
+        ``device`` (default: the first tuned router's; routers on several devices under a
+        device map are gathered there)."""
         missing = [layer for layer in self.tm.router_modules if layer not in self.logits]
         if missing:
             raise RuntimeError(f"routers of layers {missing} did not run in the forward pass")
         parts = [
             torch.softmax(self.logits[layer].float(), dim=-1) for layer in self.tm.router_modules
         ]
+        device = device if device is not None else parts[0].device
+        parts = [p.to(device) for p in parts]
         self.logits = {}
         self.positions = None  # disarm: a nested capture's forward must not write here
         return torch.cat(parts, dim=-1)

@@ -55,6 +55,7 @@ def run_command(
     resume: bool = _opt("resume", "--resume"),
     trust_remote_code: bool = _opt("trust_remote_code", "--trust-remote-code"),
     device: str = _opt("device", "--device"),
+    device_map: str | None = _opt("device_map", "--device-map"),
     max_grad_norm: float | None = _opt("max_grad_norm", "--max-grad-norm"),
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="Show progress bars for every stage."
@@ -65,6 +66,9 @@ def run_command(
     Stages (each cached in RUN_DIR and reused when its inputs are unchanged): task
     embeddings, routing snapshot, neighbours, training, export of
     RUN_DIR/roma_deltas.safetensors (serve it with `vllm serve --load-format roma`).
+
+    Data parallel: `torchrun --nproc-per-node N $(which roma-tune) run ...` (--batch-size
+    stays the global batch). A model larger than one GPU: --device-map auto.
     """
     values = dict(locals())
     values.pop("progress")
@@ -81,12 +85,15 @@ def _run(cfg: object, progress: bool) -> None:
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
+    from tuner.distributed import is_main_process
     from tuner.pipeline import run
     from tuner.progress import Bars
 
     hf_logging.disable_progress_bar()  # our own bars cover loading; keep stderr readable
     console = Console(stderr=True)
     result = run(cfg, Bars(progress, console), lambda msg: console.print(msg, markup=False))  # type: ignore[arg-type]
+    if not is_main_process():  # under torchrun rank 0 reports
+        return
     table = Table(title="roma-tune run")
     table.add_column("epoch", justify="right")
     for col in ("loss", "task", "manifold", "train acc", "val acc", "samples/s"):

@@ -4,8 +4,13 @@
 The loop around it owns the optimiser, the schedule (linear warm-up of both the learning
 rate and lambda over the first ``warmup`` fraction of steps, then constant), batch order
 (seeded per epoch, so a resumed run sees the same batches), the refresh of the neighbours'
-targets and the checkpoints. A data-parallel loop would all-reduce the router gradients
-between ``train_step`` and the optimiser step.
+targets and the checkpoints.
+
+Under torchrun (:mod:`tuner.distributed`) every rank walks the same batch order, runs
+``train_step`` on its shard of each global batch with the loss scaled by
+``local / global`` samples, and the router gradients are summed across ranks between
+``train_step`` and the optimiser step: the same update as one process with the same global
+batch. Rank 0 alone writes checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from roma_vllm.deltas import atomic_write
 from tuner.config import TuneConfig
+from tuner.distributed import SINGLE, Dist, broadcast, shard, sync_gradients
 from tuner.encode import Encoded
 from tuner.forward import Batch, bucket_batches, collate, forward
 from tuner.model import TunerModel
@@ -79,12 +85,18 @@ def train_step(
     lam: float,
     capture: RoutingCapture,
     prefix: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[LossTerms, Scored]:
-    """Forward, RoMA loss and backward for one batch; leaves gradients on the routers."""
+    """Forward, RoMA loss and backward for one batch; leaves gradients on the routers.
+
+    The gradient is that of ``scale`` times the batch-mean loss: a data-parallel rank
+    passes ``len(shard) / len(global batch)`` so that the ranks' summed gradients are the
+    gradient of the mean over the global batch. The returned terms are unscaled means.
+    """
     out = forward(tm, batch, capture, prefix)
     scored = score(out, batch)
     terms = roma_loss(scored.loss, out.routing, targets, weights, lam)
-    terms.total.backward()
+    (terms.total * scale if scale != 1.0 else terms.total).backward()
     return terms, scored
 
 
@@ -120,13 +132,17 @@ def train(
     bars: Any = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """Train ``tm``'s routers for ``cfg.epochs`` epochs; returns the history and final snapshot.
 
     ``snapshot`` is the routing snapshot before training; ``neighbours_for`` builds N(i) and
-    W from a snapshot (``neighbours``: those of ``snapshot``, when already built); ``take_snapshot`` re-measures with the current routers. With
-    ``resume`` the latest checkpoint in ``checkpoint_dir`` is loaded and training continues
-    after it (a completed run is returned as is).
+    W from a snapshot (``neighbours``: those of ``snapshot``, when already built);
+    ``take_snapshot`` re-measures with the current routers. With ``resume`` the latest
+    checkpoint in ``checkpoint_dir`` is loaded and training continues after it (a completed
+    run is returned as is). With ``dist`` (torchrun) every rank calls this with the same
+    arguments; ``take_snapshot``, ``neighbours_for`` and ``validate`` must then be
+    collective (the same result on every rank), see :mod:`tuner.distributed`.
     """
     torch.manual_seed(cfg.seed)
     log = log or (lambda event: None)
@@ -140,9 +156,10 @@ def train(
         neighbours = neighbours_for(snapshot)
     final: Snapshot | None = None
 
-    ckpt = latest_checkpoint(checkpoint_dir) if resume else None
-    if ckpt is not None:
-        state = torch.load(ckpt, weights_only=True)
+    ckpt = latest_checkpoint(checkpoint_dir) if resume and dist.is_main else None
+    state = torch.load(ckpt, weights_only=True) if ckpt is not None else None
+    state, ckpt = broadcast((state, ckpt), dist)  # rank 0's files need not be shared
+    if state is not None:
         tm.load_router_state(state["routers"])
         opt.load_state_dict(state["optimizer"])
         result.history = [EpochRecord(**r) for r in state["history"]]
@@ -170,31 +187,47 @@ def train(
                     lr, lam = cfg.lr * f, cfg.lam * f
                     for g in opt.param_groups:
                         g["lr"] = lr
-                    batch = collate(encoded, idx, pad)
-                    states = prefix.states(batch).to(tm.device) if prefix is not None else None
-                    batch.to(tm.device)
-                    targets, weights = neighbours.targets(snapshot.routing, idx)
+                    mine = shard(idx, dist) if dist.enabled else idx
                     opt.zero_grad(set_to_none=True)
-                    terms, scored = train_step(
-                        tm,
-                        batch,
-                        targets.to(tm.device),
-                        weights.to(tm.device),
-                        lam,
-                        capture,
-                        states,
-                    )
+                    # loss, task, manifold (sums over this rank's samples), correct, samples
+                    stats = torch.zeros(5, dtype=torch.float64)
+                    if mine:
+                        batch = collate(encoded, mine, pad)
+                        states = prefix.states(batch).to(tm.device) if prefix is not None else None
+                        batch.to(tm.device)
+                        targets, weights = neighbours.targets(snapshot.routing, mine)
+                        terms, scored = train_step(
+                            tm,
+                            batch,
+                            targets.to(tm.device),
+                            weights.to(tm.device),
+                            lam,
+                            capture,
+                            states,
+                            scale=len(mine) / len(idx),
+                        )
+                        n = len(mine)
+                        stats = torch.tensor(
+                            [
+                                float(terms.total.detach()) * n,
+                                float(terms.task) * n,
+                                float(terms.manifold) * n,
+                                float(scored.correct.sum()),
+                                float(n),
+                            ],
+                            dtype=torch.float64,
+                        )
+                    stats = sync_gradients(params, stats, dist)
                     if cfg.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
                     step += 1
-                    n = len(idx)
-                    sums["loss"] += float(terms.total.detach()) * n
-                    sums["task"] += float(terms.task) * n
-                    sums["manifold"] += float(terms.manifold) * n
-                    sums["correct"] += int(scored.correct.sum())
-                    sums["n"] += n
-                    advance(n, f"loss {sums['loss'] / sums['n']:.4f}")
+                    sums["loss"] += float(stats[0])
+                    sums["task"] += float(stats[1])
+                    sums["manifold"] += float(stats[2])
+                    sums["correct"] += round(float(stats[3]))
+                    sums["n"] += round(float(stats[4]))
+                    advance(len(idx), f"loss {sums['loss'] / sums['n']:.4f}")
             seconds = time.perf_counter() - t0
             record = EpochRecord(
                 epoch=epoch,
@@ -222,7 +255,8 @@ def train(
                 record.val_accuracy = validate()
             result.history.append(record)
             log({"event": "epoch", **asdict(record)})
-            _save(checkpoint_dir, epoch, tm, opt, result.history, snapshot, neighbours, final)
+            if dist.is_main:
+                _save(checkpoint_dir, epoch, tm, opt, result.history, snapshot, neighbours, final)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     result.final = final if final is not None else take_snapshot()
