@@ -167,6 +167,18 @@ class VllmServer:
             f"vllm serve not ready after {self.timeout:.0f} s:\n{self.log()[-4000:]}"
         )
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the server's live processes (Linux)."""
+        group, ticks, total = self.proc.pid, os.sysconf("SC_CLK_TCK"), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # the process ended meanwhile
+            if int(fields[2]) == group:  # fields[0] is the state: pgrp is the 5th field
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
     def stop(self) -> None:
         """SIGINT to the server, then SIGKILL to whatever is left of its process group."""
         import signal

@@ -1,9 +1,10 @@
-"""Every bad input makes ``--load-format roma`` refuse to start, with a one-line message.
+"""The ``roma`` loader: what it merges, and every bad input it refuses with a one-line message.
 
 Most cases drive the loader class directly (no engine): its constructor validates the
-settings and the file, ``check_model`` the served checkpoint, ``merge_deltas`` the weight
-stream. A few cases then start real engines: in-process ones (cheap) and one
-``vllm serve`` whose engine-core subprocess must print the message before start-up fails.
+settings and the file, ``check_model`` the served checkpoint, ``merge_deltas`` and
+``get_all_weights`` the weight stream. A few cases then start real engines: in-process ones
+(cheap) and one ``vllm serve`` whose engine-core subprocess must print the message before
+start-up fails.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from roma_vllm.checkpoint import checkpoint_tensors
 from roma_vllm.deltas import METADATA_KEY
 from roma_vllm.testing import VllmServer, handmade_deltas, write_handmade_deltas
 
@@ -265,6 +267,27 @@ def test_stream_rechecks_fingerprints(env: SimpleNamespace) -> None:
     stream = [(n, t + 1 if n == ROUTER else t) for n, t in _stream(env.model)]
     with _expect(f"{env.path}: tensor '{ROUTER}' was made for different base weights"):
         list(loader.merge_deltas(iter(stream), _model_config(env.model)))
+
+
+def test_sharded_checkpoint_stream(env: SimpleNamespace, tmp_path: Path) -> None:
+    """vLLM's own weight iterator over a sharded checkpoint: every router found and merged."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(env.model, dtype=torch.float32)
+    model.save_pretrained(sharded, max_shard_size="1MB")
+    for f in env.model.glob("tokenizer*"):
+        (sharded / f.name).write_bytes(f.read_bytes())
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    assert (sharded / "model.safetensors.index.json").exists()
+    loader = _loader({"roma_deltas": str(env.path)})
+    config = _model_config(sharded)
+    loader.check_model(config)
+    merged = dict(loader.get_all_weights(config, SimpleNamespace()))
+    base = checkpoint_tensors(env.model, env.good.tensors)
+    assert len(merged) == len(_stream(env.model))
+    for name, delta in env.good.tensors.items():
+        torch.testing.assert_close(merged[name], base[name] + delta)
 
 
 def test_register_is_reentrant() -> None:
