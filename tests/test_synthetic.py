@@ -1,0 +1,143 @@
+"""The synthetic task generator, the shipped demo data and a short pretraining run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.synthetic import tasks
+from bench.synthetic.pretrain import PretrainConfig, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "bench" / "models" / "demo-olmoe"
+DEMO_DATA = ROOT / "bench" / "data" / "demo"
+SMALL = dict(n_train=12, n_val=5, n_test=6)
+
+
+def check_row(row: dict) -> None:
+    assert set(row) == {"question", "choices", "answer", "task"}
+    assert isinstance(row["question"], str) and row["question"]
+    assert isinstance(row["choices"], list) and 2 <= len(row["choices"]) <= 10
+    assert all(isinstance(c, str) for c in row["choices"])
+    assert len(set(row["choices"])) == len(row["choices"])
+    assert isinstance(row["answer"], int) and 0 <= row["answer"] < len(row["choices"])
+    assert row["task"] in tasks.FAMILY_NAMES
+
+
+def test_generator_deterministic_per_seed():
+    assert tasks.downstream_splits(0, **SMALL) == tasks.downstream_splits(0, **SMALL)
+    assert tasks.pretrain_rows(200, 0) == tasks.pretrain_rows(200, 0)
+    assert tasks.downstream_splits(0, **SMALL) != tasks.downstream_splits(1, **SMALL)
+    assert tasks.pretrain_rows(200, 0) != tasks.pretrain_rows(200, 1)
+
+
+def test_splits_disjoint_sized_and_valid():
+    splits = tasks.downstream_splits(3, **SMALL)
+    questions = {s: {r["question"] for r in rows} for s, rows in splits.items()}
+    assert not questions["train"] & questions["val"]
+    assert not questions["train"] & questions["test"]
+    assert not questions["val"] & questions["test"]
+    for split, n in (("train", 12), ("val", 5), ("test", 6)):
+        assert len(questions[split]) == n * len(tasks.FAMILIES)
+    for row in [r for rows in splits.values() for r in rows] + tasks.pretrain_rows(400, 3):
+        check_row(row)
+
+
+def test_pretrain_and_downstream_phrasings_differ():
+    for family in tasks.FAMILIES:
+        assert len(family.pretrain) >= 3 and len(family.downstream) >= 3
+        assert not set(family.pretrain) & set(family.downstream)
+
+
+def test_vocabulary_covers_every_word():
+    vocab = set(tasks.vocabulary())
+    rows = tasks.pretrain_rows(800, 5) + tasks.downstream_splits(5, **SMALL)["train"]
+    for row in rows:
+        assert set(tasks.words(row["question"])) <= vocab
+        assert set(row["choices"]) <= vocab
+
+
+def test_too_many_rows_asked_is_a_clear_error():
+    with pytest.raises(ValueError, match="task 'facts': only"):
+        tasks.downstream_splits(0, n_train=400, n_val=0, n_test=0)
+
+
+def test_cli_writes_the_four_files(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    args = ["--out", str(tmp_path), "--seed", "2", "--n-pretrain", "50", "--n-train", "4"]
+    result = CliRunner().invoke(tasks.app, [*args, "--n-val", "2", "--n-test", "3"])
+    assert result.exit_code == 0, result.output
+    counts = {p.stem: len(tasks.read_jsonl(p)) for p in tmp_path.glob("*.jsonl")}
+    assert counts == {"pretrain": 50, "train": 32, "val": 16, "test": 24}
+
+
+def test_shipped_demo_data_valid_disjoint_single_token():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    seen: set[str] = set()
+    for split in tasks.SPLITS:
+        rows = tasks.read_jsonl(DEMO_DATA / f"{split}.jsonl")
+        assert {r["task"] for r in rows} == set(tasks.FAMILY_NAMES)
+        questions = {r["question"] for r in rows}
+        assert len(questions) == len(rows) and not questions & seen
+        seen |= questions
+        for row in rows:
+            check_row(row)
+            for choice in row["choices"]:
+                ids = tok(choice, add_special_tokens=False)["input_ids"]
+                assert len(ids) == 1 and ids[0] != tok.unk_token_id, choice
+            assert tok.unk_token_id not in tok(row["question"])["input_ids"]
+
+
+def test_shipped_demo_metrics_above_chance():
+    metrics = json.loads((DEMO_MODEL / "metrics.json").read_text())
+    assert metrics["accuracy"]["pretrain_heldout/raw"]["all"] > 0.5
+    assert metrics["accuracy"]["downstream_val/qa"]["all"] > 0.4
+
+
+TINY = dict(
+    steps=3, batch_size=8, hidden=32, heads=1, layers=2, experts=4, expert_width=32, warmup=1
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("data")
+    tasks.generate(data, seed=0, n_pretrain=400, n_train=3, n_val=2, n_test=2)
+    return data
+
+
+def test_short_pretraining_run_is_deterministic_and_loads(tiny_data: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        pretrain(tiny_data, out, PretrainConfig(**TINY), progress=False)
+
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["seed"] == 0 and not metrics["cut_short_by_minutes"]
+    assert {"pretrain_heldout/raw", "downstream_val/qa"} <= set(metrics["accuracy"])
+    model = AutoModelForCausalLM.from_pretrained(runs[0])
+    assert type(model).__name__ == "OlmoeForCausalLM"
+    a, b = (load_file(r / "model.safetensors") for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_short_pretraining_run_qwen3moe(tiny_data: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    pretrain(tiny_data, tmp_path, PretrainConfig(arch="qwen3moe", **TINY), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="--hidden 100: must be a multiple of 32"):
+        PretrainConfig(hidden=100)
