@@ -35,7 +35,7 @@ Fields = dict[str, str]
 Sampler = Callable[[random.Random], tuple[Fields, list[str], int]]
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")
+ORDINALS = ("first", "second", "third", "last")
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "animal": ("cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "eagle"),
     "fruit": ("apple", "pear", "grape", "lemon", "mango", "peach", "plum", "cherry"),
@@ -82,9 +82,9 @@ def _choices(rng: random.Random, answer: str, pool: list[str]) -> tuple[list[str
 
 
 def _mod7(rng: random.Random) -> tuple[Fields, list[str], int]:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    op = rng.choice(("plus", "minus", "times"))
-    value = {"plus": a + b, "minus": a - b, "times": a * b}[op] % 7
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    op = rng.choice(("plus", "times"))
+    value = (a + b if op == "plus" else a * b) % 7
     choices, answer = _choices(rng, str(value), [str(i) for i in range(7)])
     return {"a": str(a), "b": str(b), "op": op}, choices, answer
 
@@ -98,11 +98,11 @@ def _extreme(rng: random.Random) -> tuple[Fields, list[str], int]:
 
 
 def _sequence(rng: random.Random) -> tuple[Fields, list[str], int]:
-    step = rng.randint(1, 9)
+    step = rng.randint(1, 5)
     if rng.random() < 0.5:  # increasing
-        start = rng.randint(0, 99 - 4 * step)
+        start = rng.randint(0, 60 - 4 * step)
     else:
-        start, step = rng.randint(4 * step, 99), -step
+        start, step = rng.randint(4 * step, 60), -step
     seq = [start + i * step for i in range(4)]
     nxt = start + 4 * step
     pool = {nxt + d for d in (-3, -2, -1, 1, 2, 3, step, 2 * step, -step)} - {nxt}
@@ -136,10 +136,11 @@ def _category(rng: random.Random) -> tuple[Fields, list[str], int]:
 
 
 def _kth_letter(rng: random.Random) -> tuple[Fields, list[str], int]:
-    word = rng.sample(LETTERS, rng.randint(4, 7))  # distinct letters: one right answer
-    k = rng.randrange(len(word))
+    word = rng.sample(LETTERS, rng.randint(4, 6))  # distinct letters: one right answer
+    k = rng.choice((0, 1, 2, len(word) - 1))
     choices, answer = _choices(rng, word[k], word)
-    fields = {"spelled": " ".join(word), "ord": ORDINALS[k], "k": str(k + 1)}
+    ordinal = "last" if k == len(word) - 1 else ORDINALS[k]
+    fields = {"spelled": " ".join(word), "ord": ordinal, "k": str(k + 1)}
     return fields, choices, answer
 
 
@@ -348,7 +349,7 @@ def vocabulary() -> list[str]:
     vocab = set(LETTERS) | {str(i) for i in range(100)} | set(ORDINALS) | set(ENTITIES)
     vocab |= set(CITIES) | set(CATEGORIES) | set(RELATIONS)
     vocab |= {w for ws in CATEGORIES.values() for w in ws}
-    vocab |= {"plus", "minus", "times", "largest", "smallest", "after", "before", ",", ";"}
+    vocab |= {"plus", "times", "largest", "smallest", "after", "before", ",", ";"}
     vocab |= {"question", "answer", ":"}  # the usual prompt wrappers
     for family in FAMILIES:
         for template in family.pretrain + family.downstream:
