@@ -57,6 +57,7 @@ def _torchrun(cfg: TuneConfig, nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # starts torchrun: two fresh Pythons importing torch and transformers
 def test_two_processes_give_the_deltas_of_one(cfg, tmp_path):
     one = run(dataclasses.replace(cfg, out=str(tmp_path / "one")))
     two_dir = tmp_path / "two"
