@@ -17,8 +17,14 @@ from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 
 from roma_vllm.deltas import read_deltas
 from tuner.config import TuneConfig
+from tuner.data import load_examples
 from tuner.distributed import SINGLE, Dist, shard
+from tuner.encode import encode
+from tuner.forward import collate
+from tuner.model import load_model
 from tuner.pipeline import run
+from tuner.routing import RoutingCapture
+from tuner.train import train_step
 
 # 22 samples in global batches of 7: 7, 7, 7, 1. The strided shards are uneven (4 + 3) and
 # in the last batch rank 1 has no sample at all; it must still join the gradient sum.
@@ -102,3 +108,41 @@ def test_shards_cover_the_batch_once():
     parts = [shard(idx, Dist(rank=r, world_size=3)) for r in range(3)]
     assert parts == [[5, 1, 8], [3, 7], [9, 2]]
     assert shard(idx, SINGLE) == idx
+
+
+@pytest.mark.parametrize("size", [7, 1])  # 4 + 3 samples; 1 + 0 (rank 1's shard is empty)
+def test_scaled_shard_gradients_sum_to_the_global_batch_gradient(tiny_dir, tmp_path, size):  # noqa: F811
+    """The loss normalisation of train_step(scale=shard/global): what the all-reduce sums
+    is the single-process gradient of the global batch mean."""
+    tm = load_model(str(tiny_dir), layers="1-3", dtype="float32", device="cpu")
+    rows = write_jsonl(tmp_path / "rows.jsonl", mc_rows(size, seed=9))
+    encoded = encode(load_examples(str(rows)).examples, tm.tokenizer, "letter")
+    g = torch.Generator().manual_seed(0)
+    dim = len(tm.layers) * tm.num_experts
+    targets = torch.softmax(torch.randn(size, 3, dim, generator=g), -1)
+    weights = torch.softmax(torch.randn(size, 3, generator=g), -1)
+    idx = list(range(size))
+    pad = tm.tokenizer.pad_token_id
+
+    def grads(samples: list[int], scale: float) -> list[torch.Tensor]:
+        for p in tm.parameters():
+            p.grad = None
+        if samples:
+            batch = collate(encoded, samples, pad)
+            with RoutingCapture(tm) as cap:
+                train_step(tm, batch, targets[samples], weights[samples], 0.7, cap, scale=scale)
+        return [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in tm.parameters()
+        ]
+
+    whole = grads(idx, 1.0)
+    summed = [torch.zeros_like(w) for w in whole]
+    for r in range(2):
+        mine = shard(idx, Dist(rank=r, world_size=2))
+        for acc, gr in zip(summed, grads(mine, len(mine) / size), strict=True):
+            acc += gr
+    assert all(w.abs().max() > 0 for w in whole)
+    for a, b in zip(summed, whole, strict=True):
+        # float32 rounding only (other padded widths, another summation order): ~1e-7 of
+        # the gradient's scale, far below any real difference in normalisation (>= 1/7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
