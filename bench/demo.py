@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "bench" / "models" / "demo-olmoe"
 DATA = ROOT / "bench" / "data" / "demo"
 OUT = ROOT / "demo-output"
-DEMO_SETTINGS = ["--lr", "1e-2", "--lambda", "0.1", "--epochs", "3"]
+DEMO_SETTINGS = ["--lr", "2e-3", "--lambda", "0.1", "--epochs", "3"]
 
 
 def _run(args: list[str]) -> None:
