@@ -384,7 +384,8 @@ def main(
 ) -> None:
     """The `roma-tune eval` command: evaluate, print the table, write JSON and plot."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.progress import shared_bars
 
     other = None
     if check_against is not None:
@@ -393,19 +394,7 @@ def main(
             raise FileNotFoundError(f"--check-against {check_against}: no such file")
         other = json.loads(path.read_text())
     console = Console()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-
-        def progress(description: str, total: int, done: int) -> Callable[[int], None]:
-            task = bar.add_task(description, total=total, completed=done)
-            return lambda n: bar.advance(task, n)
-
+    with shared_bars() as progress:
         report = evaluate(opts, progress)
     if other is not None:
         report["agreement"] = compare(report, other, report["tolerance"])

@@ -43,3 +43,26 @@ class Bars:
                 p.update(tid, advance=n, **({"info": info} if info is not None else {}))
 
             yield advance
+
+
+@contextlib.contextmanager
+def shared_bars() -> Iterator[Callable[..., Callable[..., None]]]:
+    """One transient rich display on stderr; yields ``new(description, total, done=0)``,
+    which adds a bar and returns its ``advance(n, info=None)``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+
+        def new(description: str, total: int, done: int = 0) -> Callable[..., None]:
+            task = bar.add_task(description, total=total, completed=done)
+            return lambda n, info=None: bar.advance(task, n)
+
+        yield new

@@ -295,22 +295,11 @@ def table(report: dict[str, Any]) -> Any:
 def main(opts: ReportOptions) -> None:
     """The `roma-tune report` command."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.progress import shared_bars
 
     console = Console()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-
-        def progress(description: str, total: int) -> Callable[[int], None]:
-            task = bar.add_task(description, total=total)
-            return lambda n, info=None: bar.advance(task, n)
-
+    with shared_bars() as progress:
         report = build_report(opts, progress)
     console.print(table(report))
     console.print(f"wrote {Path(opts.out) / REPORT_FILENAME} and {len(report['files'])} plots")
