@@ -137,18 +137,25 @@ class VllmServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self) -> VllmServer:
+    def launch(self) -> VllmServer:
+        """Start the server process; :meth:`wait_ready` waits for it to answer."""
         import subprocess
         import time
-        import urllib.request
 
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                 start_new_session=True,
             )  # fmt: skip
-        while time.perf_counter() - t0 < self.timeout:
+        return self
+
+    def wait_ready(self) -> VllmServer:
+        """Until ``/health`` answers; raises with the log's tail if the server exits first."""
+        import time
+        import urllib.request
+
+        while time.perf_counter() - self._t0 < self.timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"vllm serve exited with {self.proc.returncode} during start-up:\n"
@@ -157,7 +164,7 @@ class VllmServer:
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
                     if r.status == 200:
-                        self.startup_seconds = time.perf_counter() - t0
+                        self.startup_seconds = time.perf_counter() - self._t0
                         return self
             except OSError:
                 pass
@@ -166,6 +173,9 @@ class VllmServer:
         raise TimeoutError(
             f"vllm serve not ready after {self.timeout:.0f} s:\n{self.log()[-4000:]}"
         )
+
+    def start(self) -> VllmServer:
+        return self.launch().wait_ready()
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the server's live processes (Linux)."""
