@@ -44,7 +44,9 @@ def test_only_tuned_routers_are_trainable_and_fp32(tm):
         torch.testing.assert_close(p.detach(), tm.base[name].float(), rtol=0, atol=0)
 
 
-def test_routing_vector_is_softmax_of_router_logits_at_last_prompt_token(tm):
+@pytest.mark.parametrize("vector", ["probs", "log-probs"])
+def test_routing_vector_is_softmax_of_router_logits_at_last_prompt_token(tm, vector):
+    norm = torch.softmax if vector == "probs" else torch.log_softmax
     batch = _batch(tm)
     inputs = {}
     hooks = [
@@ -54,7 +56,7 @@ def test_routing_vector_is_softmax_of_router_logits_at_last_prompt_token(tm):
         for i in tm.layers
     ]
     try:
-        with torch.no_grad(), RoutingCapture(tm) as cap:
+        with torch.no_grad(), RoutingCapture(tm, vector) as cap:
             out = forward(tm, batch, cap)
     finally:
         for h in hooks:
@@ -63,10 +65,7 @@ def test_routing_vector_is_softmax_of_router_logits_at_last_prompt_token(tm):
     for s, e in enumerate(encode(EXAMPLES, tm.tokenizer, "letter")):
         flat = s * width + len(e.prompt_ids) - 1
         expected = torch.cat(
-            [
-                torch.softmax(inputs[i][flat].float() @ tm.router_modules[i].weight.T, -1)
-                for i in tm.layers
-            ]
+            [norm(inputs[i][flat].float() @ tm.router_modules[i].weight.T, -1) for i in tm.layers]
         )
         torch.testing.assert_close(out.routing[s], expected, atol=1e-5, rtol=1e-5)
 
@@ -84,6 +83,11 @@ def test_manifold_term_alone_reaches_every_tuned_router(tm):
         if name not in {f"model.layers.{i}.mlp.gate.weight" for i in tm.layers}:
             assert p.grad is None, name  # untuned routers and the frozen trunk
     tm.model.zero_grad(set_to_none=True)
+
+
+def test_unknown_routing_vector_is_a_clear_error(tm):
+    with pytest.raises(ValueError, match="routing vector: 'probs' or 'log-probs', got 'logits'"):
+        RoutingCapture(tm, "logits")
 
 
 def test_parse_layers():

@@ -99,6 +99,10 @@ def test_bad_rows_and_empty_data_stop_the_run(tiny_dir, tmp_path):  # noqa: F811
         (["--k", "0"], "Error: --k: must be at least 1, got 0"),
         (["--scoring", "cloze"], "Error: --scoring: must be one of letter, loglik, got 'cloze'"),
         (
+            ["--routing-vector", "logits"],
+            "Error: --routing-vector: must be one of probs, log-probs, got 'logits'",
+        ),
+        (
             ["--embedder", "no-such-embedder"],
             "Error: --embedder: unknown embedder 'no-such-embedder'",
         ),

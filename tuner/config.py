@@ -17,6 +17,7 @@ from typing import Any
 
 SCORING_CHOICES = ("letter", "loglik")
 REFRESH_CHOICES = ("epoch", "never")
+ROUTING_VECTOR_CHOICES = ("probs", "log-probs")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # transformers' from_pretrained(device_map=...) strategies
@@ -81,6 +82,12 @@ class TuneConfig:
         "'epoch': recompute neighbours' routing vectors and the successful set with the "
         "current routers at the start of each epoch; 'never': keep the initial snapshot.",
     )
+    routing_vector: str = _f(
+        "probs",
+        "What r_i is, per tuned layer at the last prompt token: 'probs', the softmax over "
+        "experts (the paper's), or 'log-probs', its logarithm (weighs the experts a sample "
+        "does not pick as much as those it picks).",
+    )
     seed: int = _f(0, "Random seed: the same seed gives the same deltas.")
     dtype: str = _f(
         "auto",
@@ -131,6 +138,11 @@ class TuneConfig:
             self.refresh in REFRESH_CHOICES,
             "--refresh",
             f"must be one of {', '.join(REFRESH_CHOICES)}, got {self.refresh!r}",
+        )
+        need(
+            self.routing_vector in ROUTING_VECTOR_CHOICES,
+            "--routing-vector",
+            f"must be one of {', '.join(ROUTING_VECTOR_CHOICES)}, got {self.routing_vector!r}",
         )
         need(
             self.dtype in DTYPE_CHOICES,

@@ -181,7 +181,7 @@ class Pipeline:
         self.keys = {
             "embeddings": _key(self.data.fingerprint, cfg.embedder),
             "prefix": _key(enc, self.tm.layers[0], self.tm.dtype),
-            "snapshot": _key(enc, self.tm.layers, self.tm.dtype),
+            "snapshot": _key(enc, self.tm.layers, self.tm.dtype, cfg.routing_vector),
         }
         self.keys["neighbours"] = _key(
             self.keys["snapshot"], self.keys["embeddings"], cfg.hash("k", "eps", "sigma")
@@ -280,14 +280,16 @@ class Pipeline:
         d, bs = self.dist, self.cfg.batch_size
         if not d.enabled:
             with self.bars.task(name, len(encoded)) as advance:
-                return take_snapshot(self.tm, encoded, bs, prefix, advance)
+                return take_snapshot(self.tm, encoded, bs, prefix, advance, self.cfg.routing_vector)
         # This rank's share: every world_size-th of the length-sorted batches. Listed in
         # global sorted order they sort (and so batch) exactly as they do in one process,
         # so every sample's result is bit for bit the single-process one.
         mine = [i for b in sorted_batches(encoded, bs)[d.rank :: d.world_size] for i in b]
         view = prefix.remapped(mine) if prefix is not None else None
         with self.bars.task(name, len(mine)) as advance:
-            part = take_snapshot(self.tm, [encoded[i] for i in mine], bs, view, advance)
+            part = take_snapshot(
+                self.tm, [encoded[i] for i in mine], bs, view, advance, self.cfg.routing_vector
+            )
         n, where = len(encoded), torch.tensor(mine, dtype=torch.long)
         full = {
             "correct": torch.zeros(n, dtype=torch.bool),

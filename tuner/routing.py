@@ -1,7 +1,8 @@
 """Routing vectors: what RoMA aligns.
 
 The routing vector of a sample is the softmax over all experts of the router logits at its
-last prompt token, concatenated over the tuned layers (ascending). It is read from the
+last prompt token, concatenated over the tuned layers (ascending); ``log-probs`` takes its
+logarithm instead (``--routing-vector``). It is read from the
 router modules' own outputs in the same forward pass that computes the task loss, so when
 the routers require grad the vector carries gradient to every tuned router (the authors'
 code read it from a file and the regulariser did nothing).
@@ -28,8 +29,11 @@ class RoutingCapture:
     :meth:`vectors`.
     """
 
-    def __init__(self, tm: TunerModel) -> None:
+    def __init__(self, tm: TunerModel, vector: str = "probs") -> None:
+        if vector not in ("probs", "log-probs"):
+            raise ValueError(f"routing vector: 'probs' or 'log-probs', got {vector!r}")
         self.tm = tm
+        self.vector = vector
         self.positions: torch.Tensor | None = None
         self.logits: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -63,9 +67,8 @@ class RoutingCapture:
         missing = [layer for layer in self.tm.router_modules if layer not in self.logits]
         if missing:
             raise RuntimeError(f"routers of layers {missing} did not run in the forward pass")
-        parts = [
-            torch.softmax(self.logits[layer].float(), dim=-1) for layer in self.tm.router_modules
-        ]
+        norm = torch.softmax if self.vector == "probs" else torch.log_softmax
+        parts = [norm(self.logits[layer].float(), dim=-1) for layer in self.tm.router_modules]
         device = device if device is not None else parts[0].device
         parts = [p.to(device) for p in parts]
         self.logits = {}

@@ -46,6 +46,7 @@ def run_command(
     batch_size: int = _opt("batch_size", "--batch-size"),
     warmup: float = _opt("warmup", "--warmup"),
     refresh: str = _opt("refresh", "--refresh"),
+    routing_vector: str = _opt("routing_vector", "--routing-vector"),
     seed: int = _opt("seed", "--seed"),
     dtype: str = _opt("dtype", "--dtype"),
     cache_prefix: bool = _opt("cache_prefix", "--cache-prefix"),

@@ -51,8 +51,10 @@ def take_snapshot(
     batch_size: int,
     prefix: PrefixCache | None = None,
     progress: Callable[[int], None] | None = None,
+    routing_vector: str = "probs",
 ) -> Snapshot:
-    """Correctness, predictions, losses and routing vectors of every sample."""
+    """Correctness, predictions, losses and routing vectors of every sample
+    (``routing_vector``: see :class:`tuner.routing.RoutingCapture`)."""
     n = len(encoded)
     dim = len(tm.layers) * tm.num_experts
     snap = Snapshot(
@@ -62,7 +64,7 @@ def take_snapshot(
         torch.zeros(n, dim),
     )
     pad = tm.tokenizer.pad_token_id
-    with RoutingCapture(tm) as cap:
+    with RoutingCapture(tm, routing_vector) as cap:
         for idx in sorted_batches(encoded, batch_size):
             batch = collate(encoded, idx, pad)
             states = prefix.states(batch).to(tm.device) if prefix is not None else None

@@ -173,7 +173,7 @@ def train(
 
     pad = tm.tokenizer.pad_token_id
     step = start * batches_per_epoch
-    with RoutingCapture(tm) as capture:
+    with RoutingCapture(tm, cfg.routing_vector) as capture:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             batches = bucket_batches(encoded, cfg.batch_size, _epoch_generator(cfg.seed, epoch))
