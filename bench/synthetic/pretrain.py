@@ -66,6 +66,7 @@ class PretrainConfig:
     lm_weight: float = 0.1
     aux_coef: float = 0.01
     z_coef: float = 0.001
+    route_coef: float = 0.0
     dtype: str = "bfloat16"
     threads: int = 1
 
@@ -80,6 +81,8 @@ class PretrainConfig:
             raise ValueError(
                 f"--top-k {self.top_k}: must be between 1 and --experts {self.experts}"
             )
+        if self.route_coef < 0:
+            raise ValueError(f"--route-coef {self.route_coef}: must be >= 0")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--dtype {self.dtype!r}: choose bfloat16 or float32")
 
@@ -216,10 +219,48 @@ def z_loss(router_logits: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch
     ).mean()
 
 
+def expert_groups(task_names: list[str], n_experts: int) -> dict[str, list[int]]:
+    """The experts each task owns under ``--route-coef``: ``n_experts // len(tasks)`` each,
+    in sorted task order (task 0 gets experts 0..g-1, task 1 the next g, ...)."""
+    names = sorted(set(task_names))
+    per = n_experts // len(names)
+    if per < 1:
+        raise ValueError(
+            f"--route-coef needs at least one expert per task: {n_experts} experts, "
+            f"{len(names)} tasks"
+        )
+    return {t: list(range(i * per, (i + 1) * per)) for i, t in enumerate(names)}
+
+
+def route_loss(
+    router_logits: tuple[torch.Tensor, ...], prompt_mask: torch.Tensor, group_mask: torch.Tensor
+) -> torch.Tensor:
+    """Task-routing supervision: mean over layers and prompt tokens of
+    ``-log sum_{e in group(task)} p_e``, with ``group_mask`` ``[batch, experts]`` marking each
+    sequence's task experts. It makes experts specialise by task, as in domain-expert MoEs."""
+    keep = prompt_mask.reshape(-1).bool()
+    groups = (
+        group_mask[:, None, :]
+        .expand(-1, prompt_mask.shape[1], -1)
+        .reshape(-1, group_mask.shape[-1])[keep]
+    )
+    losses = []
+    for logits in router_logits:
+        logp = logits[keep].float().log_softmax(-1)
+        losses.append(-logp.masked_fill(~groups, float("-inf")).logsumexp(-1).mean())
+    return torch.stack(losses).mean()
+
+
 def train_step(
-    model: torch.nn.Module, cfg: PretrainConfig, seqs: list[list[int]], pad_id: int
+    model: torch.nn.Module,
+    cfg: PretrainConfig,
+    seqs: list[list[int]],
+    pad_id: int,
+    group_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Losses for one batch of prompt+answer sequences (answer = last token)."""
+    """Losses for one batch of prompt+answer sequences (answer = last token).
+
+    ``group_mask`` (``[batch, experts]``, bool) switches on the task-routing loss."""
     ids, mask = pad_batch(seqs, pad_id)
     out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
     logits = out.logits[:, :-1].float()
@@ -232,7 +273,13 @@ def train_step(
     aux = balance_loss(out.router_logits, mask, cfg.top_k)
     zl = z_loss(out.router_logits, mask)
     loss = answer_loss + cfg.lm_weight * lm_loss + cfg.aux_coef * aux + cfg.z_coef * zl
-    return {"loss": loss, "answer": answer_loss, "lm": lm_loss, "aux": aux, "z": zl}
+    terms = {"answer": answer_loss, "lm": lm_loss, "aux": aux, "z": zl}
+    if group_mask is not None and cfg.route_coef > 0:
+        prompt_mask = mask.clone()
+        prompt_mask[rows, last] = 0  # the answer token's own routing does not score it
+        terms["route"] = route_loss(out.router_logits, prompt_mask, group_mask)
+        loss = loss + cfg.route_coef * terms["route"]
+    return {"loss": loss, **terms}
 
 
 @torch.no_grad()
@@ -267,7 +314,11 @@ def accuracy_by_task(correct: list[bool], tasks: list[str]) -> dict[str, float]:
 
 
 def routing_stats(
-    probs: torch.Tensor, tasks: list[str], top_k: int, k_nn: int = 5
+    probs: torch.Tensor,
+    tasks: list[str],
+    top_k: int,
+    k_nn: int = 5,
+    groups: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """How task-organised last-token routing is, per layer.
 
@@ -279,6 +330,8 @@ def routing_stats(
     - ``usage``: per task, the fraction of samples routing to each expert (top-k).
     - ``knn_same_task`` (all layers, and the last two): share of each sample's ``k_nn``
       nearest routing vectors (cosine, concatenated softmax) that come from its task.
+    - ``in_group`` (with ``groups``, the experts each task owns): share of the top-k experts
+      that belong to the sample's task.
     """
     names = sorted(set(tasks))
     t_idx = torch.tensor([names.index(t) for t in tasks])
@@ -300,14 +353,19 @@ def routing_stats(
         usage = {
             t: chosen[t_idx == i].mean(0).round(decimals=3).tolist() for i, t in enumerate(names)
         }
-        layers.append(
-            {
-                "modal_share": round(modal, 3),
-                "expert_purity": round(purity, 3),
-                "nmi": round(nmi, 3),
-                "usage": usage,
-            }
-        )
+        stats = {
+            "modal_share": round(modal, 3),
+            "expert_purity": round(purity, 3),
+            "nmi": round(nmi, 3),
+            "usage": usage,
+        }
+        if groups is not None:
+            top = probs[:, layer].topk(top_k, -1).indices
+            owned = torch.tensor(
+                [[e in groups[t] for e in row] for t, row in zip(tasks, top.tolist(), strict=True)]
+            )
+            stats["in_group"] = round(owned.float().mean().item(), 3)
+        layers.append(stats)
 
     def knn(vecs: torch.Tensor) -> float:
         v = F.normalize(vecs.reshape(len(vecs), -1), dim=-1)
@@ -378,6 +436,12 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     n_rows, n_wrap = len(train_enc.answers), len(WRAPPERS)
+    groups = expert_groups(train_enc.tasks, cfg.experts) if cfg.route_coef > 0 else None
+    row_groups = None
+    if groups is not None:
+        row_groups = torch.zeros(n_rows, cfg.experts, dtype=torch.bool)
+        for i, t in enumerate(train_enc.tasks):
+            row_groups[i, groups[t]] = True
 
     t0 = time.perf_counter()
     step, cut_short, ema = 0, False, None
@@ -403,7 +467,8 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
             ]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            losses = train_step(model, cfg, seqs, pad)
+            group_mask = None if row_groups is None else row_groups[idx]
+            losses = train_step(model, cfg, seqs, pad, group_mask)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -412,6 +477,8 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
             a = losses["answer"].item()
             ema = a if ema is None else 0.98 * ema + 0.02 * a
             info = f"answer loss {ema:.3f} aux {losses['aux'].item():.3f}"
+            if "route" in losses:
+                info += f" route {losses['route'].item():.3f}"
             bar.update(task, advance=1, info=info)
             if progress and not bar.console.is_terminal and step % 100 == 0:
                 bar.console.print(f"step {step}/{cfg.steps} {time.perf_counter() - t0:.0f}s {info}")
@@ -438,6 +505,7 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
         "data": {p.name: _sha256(p) for p in sorted(data.glob("*.jsonl"))},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wrappers": list(WRAPPERS),
+        "expert_groups": groups,
     }
     evals = {"pretrain_heldout": held_enc}
     for split in DOWNSTREAM_SPLITS:
@@ -451,7 +519,9 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
                 k: round(v, 4) for k, v in accuracy_by_task(res["correct"], enc.tasks).items()
             }
             if w == 1 and name.startswith("downstream"):
-                metrics["routing"][key] = routing_stats(res["router_probs"], enc.tasks, cfg.top_k)
+                metrics["routing"][key] = routing_stats(
+                    res["router_probs"], enc.tasks, cfg.top_k, groups=groups
+                )
 
     model.to(save_dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -490,6 +560,13 @@ def main(
     lm_weight: Annotated[float, _opt("Weight of the LM loss on question tokens.")] = _D.lm_weight,
     aux_coef: Annotated[float, _opt("Load-balancing loss coefficient.")] = _D.aux_coef,
     z_coef: Annotated[float, _opt("Router z-loss coefficient.")] = _D.z_coef,
+    route_coef: Annotated[
+        float,
+        _opt(
+            "Task-routing supervision: each task owns experts // tasks experts and prompt "
+            "tokens are pushed to route there (0: routing learns freely)."
+        ),
+    ] = _D.route_coef,
     dtype: Annotated[str, _opt("Saved weight dtype: bfloat16 or float32.")] = _D.dtype,
     threads: Annotated[int, _opt("torch CPU threads (results can depend on it).")] = _D.threads,
 ) -> None:
@@ -510,6 +587,7 @@ def main(
         lm_weight=lm_weight,
         aux_coef=aux_coef,
         z_coef=z_coef,
+        route_coef=route_coef,
         dtype=dtype,
         threads=threads,
     )
