@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,17 @@ def test_vocabulary_covers_every_word():
 
 
 def test_too_many_rows_asked_is_a_clear_error():
-    with pytest.raises(ValueError, match="task 'facts': only"):
-        tasks.downstream_splits(0, n_train=400, n_val=0, n_test=0)
+    with pytest.raises(ValueError, match="task 'facts': only 288 distinct questions, 300 asked"):
+        tasks.downstream_splits(0, n_train=0, n_val=150, n_test=150)
+
+
+def test_train_takes_what_val_and_test_leave():
+    splits = tasks.downstream_splits(0, n_train=250, n_val=20, n_test=30)
+    train = Counter(r["task"] for r in splits["train"])
+    # facts has 288 distinct downstream questions: 288 - 20 - 30 are left for train
+    assert train == {name: 238 if name == "facts" else 250 for name in tasks.FAMILY_NAMES}
+    for split, n in (("val", 20), ("test", 30)):
+        assert Counter(r["task"] for r in splits[split]) == dict.fromkeys(tasks.FAMILY_NAMES, n)
 
 
 def test_cli_writes_the_four_files(tmp_path: Path):

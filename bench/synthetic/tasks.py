@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,12 +306,14 @@ def pretrain_rows(n: int, seed: int) -> list[Row]:
 
 
 def downstream_splits(
-    seed: int, n_train: int = 100, n_val: int = 30, n_test: int = 50
+    seed: int, n_train: int = 400, n_val: int = 50, n_test: int = 50
 ) -> dict[str, list[Row]]:
     """Train / val / test rows per family in the downstream phrasings.
 
-    Question texts are unique across all three splits, so the splits are disjoint.
-    Raises ``ValueError`` when a family cannot produce enough distinct questions.
+    Question texts are unique across all three splits, so the splits are disjoint. Every
+    family gets exactly ``n_val`` and ``n_test`` rows and *up to* ``n_train`` train rows: a
+    family with fewer distinct questions (``facts`` has 288, ``letter_step`` 432) gives
+    train what is left. Raises ``ValueError`` when a family cannot fill val and test.
     """
     rng = random.Random(f"downstream-{seed}")
     need = n_train + n_val + n_test
@@ -322,15 +325,15 @@ def downstream_splits(
                 break
             row = make_row(family, rng, family.downstream)
             rows.setdefault(row["question"], row)
-        if len(rows) < need:
+        if len(rows) < n_val + n_test:
             raise ValueError(
-                f"task {family.name!r}: only {len(rows)} distinct questions, {need} asked; "
-                "lower --n-train/--n-val/--n-test"
+                f"task {family.name!r}: only {len(rows)} distinct questions, "
+                f"{n_val + n_test} asked for val + test; lower --n-val/--n-test"
             )
         ordered = list(rows.values())
-        splits["train"] += ordered[:n_train]
-        splits["val"] += ordered[n_train : n_train + n_val]
-        splits["test"] += ordered[n_train + n_val :]
+        splits["val"] += ordered[:n_val]
+        splits["test"] += ordered[n_val : n_val + n_test]
+        splits["train"] += ordered[n_val + n_test :]
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
@@ -375,8 +378,8 @@ def generate(
     out: Path,
     seed: int = 0,
     n_pretrain: int = 120_000,
-    n_train: int = 100,
-    n_val: int = 30,
+    n_train: int = 400,
+    n_val: int = 50,
     n_test: int = 50,
 ) -> dict[str, int]:
     """Write ``pretrain.jsonl`` and the downstream ``train/val/test.jsonl`` under ``out``.
@@ -399,14 +402,20 @@ def main(
     out: Annotated[Path, typer.Option(help="Folder for pretrain/train/val/test.jsonl.")],
     seed: Annotated[int, typer.Option(help="Data seed; the same seed writes identical files.")] = 0,
     n_pretrain: Annotated[int, typer.Option(help="Pretraining rows (all families).")] = 120_000,
-    n_train: Annotated[int, typer.Option(help="Downstream train rows per family.")] = 100,
-    n_val: Annotated[int, typer.Option(help="Downstream validation rows per family.")] = 30,
+    n_train: Annotated[
+        int, typer.Option(help="Downstream train rows per family (at most: see facts).")
+    ] = 400,
+    n_val: Annotated[int, typer.Option(help="Downstream validation rows per family.")] = 50,
     n_test: Annotated[int, typer.Option(help="Downstream test rows per family.")] = 50,
 ) -> None:
     """Generate the synthetic pretraining data and downstream splits."""
     counts = generate(out, seed, n_pretrain, n_train, n_val, n_test)
     for name, n in counts.items():
         typer.echo(f"{out / (name + '.jsonl')}: {n} rows")
+    per_task = Counter(r["task"] for r in read_jsonl(out / "train.jsonl"))
+    for task, n in sorted(per_task.items()):
+        if n < n_train:
+            typer.echo(f"  train: task {task!r} has {n} rows (all its distinct questions left)")
 
 
 if __name__ == "__main__":
