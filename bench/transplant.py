@@ -1,0 +1,260 @@
+"""Routing transplant: would a wrong sample be right if it were routed like its neighbours?
+
+RoMA's premise is causal: a sample the model gets wrong would be answered correctly if its
+routers behaved like those of its successful neighbours in the task-embedding space. This
+tests it directly, without training. For every wrong sample with a neighbour, the target
+``t_i = sum_j W_ij r_j`` (the neighbourhood's kernel-weighted mean routing vector, RoMA's own
+N(i) and W) replaces the tuned routers' decision at that sample's last prompt token only (in
+every row of a multi-token loglik sample): each tuned router outputs logits ``log t_i[L]``
+there and sends the token to the top-k experts of ``t_i[L]`` with those probabilities as
+weights, renormalised over the top-k when the router itself renormalises (see
+:func:`renormalises`). Every other token and every untuned layer routes as usual. The share
+of wrong samples this fixes is compared with two controls, the mean routing of ``k`` random
+successful samples of the same task and of any task: if neighbours fix no more than random
+successful routing does, the embedding neighbourhood carries no routing signal.
+
+    python -m bench.transplant --model bench/models/demo-olmoe --data bench/data/demo/test.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import typer
+from rich.progress import track
+
+from tuner.config import DEFAULT_EMBEDDER
+
+app = typer.Typer(add_completion=False)
+KINDS = ("neighbours", "random_same_task", "random_any")
+
+
+class RoutingOverride:
+    """Context manager: forward hooks that replace the tuned routers' output at chosen tokens.
+
+    Set :attr:`positions` (``[P]`` flat token indices) and :attr:`targets` (``[P, layers *
+    experts]``, one probability distribution over experts per tuned layer, layers ascending)
+    before a forward pass. Registered with ``prepend`` after entering a
+    :class:`tuner.routing.RoutingCapture`, so that capture records the overridden logits.
+    """
+
+    def __init__(self, tm: Any) -> None:
+        self.tm = tm
+        self.positions: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> RoutingOverride:
+        for n, module in enumerate(self.tm.router_modules.values()):
+            self._handles.append(module.register_forward_hook(self._hook(n), prepend=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, n: int) -> Any:
+        experts = self.tm.num_experts
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if self.positions is None or self.targets is None or not len(self.positions):
+                return None
+            if not (isinstance(output, tuple) and len(output) == 3):
+                raise ValueError(f"{type(module).__name__}: expected (logits, weights, indices)")
+            renorm = renormalises(module, *output)
+            logits, weights, index = (o.clone() for o in output)
+            pos = self.positions.to(logits.device)
+            t = self.targets[:, n * experts : (n + 1) * experts].to(logits.device).float()
+            top_w, top_i = t.topk(index.shape[-1], dim=-1)
+            if renorm:
+                top_w = top_w / top_w.sum(-1, keepdim=True)
+            logits[pos] = t.clamp_min(1e-30).log().to(logits.dtype)
+            weights[pos] = top_w.to(weights.dtype)
+            index[pos] = top_i.to(index.dtype)
+            return logits, weights, index
+
+        return hook
+
+
+def renormalises(
+    module: Any, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
+) -> bool:
+    """Whether the router's top-k weights are its top-k softmax probabilities renormalised
+    (Mixtral, GPT-OSS, Qwen3-MoE) or raw (OLMoE), read off its own output: Mixtral always
+    renormalises but has no ``norm_topk_prob``. Ties (every top-k sums to ~1) fall back to
+    that attribute; neither convention (DeepSeek's sigmoid scores) raises ValueError."""
+    raw = torch.softmax(logits.float(), -1).gather(-1, index)
+    norm = raw / raw.sum(-1, keepdim=True)
+    is_raw, is_norm = (torch.allclose(weights.float(), x, atol=1e-3) for x in (raw, norm))
+    if is_raw and is_norm:
+        return bool(getattr(module, "norm_topk_prob", False))
+    if not (is_raw or is_norm):
+        raise ValueError(
+            f"{type(module).__name__}: its top-k weights are not softmax probabilities of its "
+            "logits (raw or renormalised), so a routing distribution cannot be transplanted"
+        )
+    return is_norm
+
+
+def last_prompt_positions(batch: Any, encoded: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index of the last prompt token in every row, the row's sample in the batch)."""
+    width = batch.input_ids.shape[1]
+    flat, owner = [], []
+    for r, (s, _j) in enumerate(batch.rows):
+        off = width - batch.row_lengths[r] if batch.left_padded else 0
+        flat.append(r * width + off + len(encoded[batch.indices[s]].prompt_ids) - 1)
+        owner.append(s)
+    return torch.tensor(flat), torch.tensor(owner)
+
+
+@torch.no_grad()
+def rescore(
+    tm: Any, encoded: Sequence[Any], samples: list[int], targets: torch.Tensor, batch_size: int = 32
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Correctness ``[S]`` and choice scores of ``samples`` with ``targets[s]`` transplanted
+    at every row's last prompt token (multi-row loglik samples: in each of their rows)."""
+    from tuner.forward import collate, forward, sorted_batches
+    from tuner.routing import RoutingCapture
+    from tuner.scoring import score
+
+    correct = torch.zeros(len(samples), dtype=torch.bool)
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    where = {i: s for s, i in enumerate(samples)}
+    sub = [encoded[i] for i in samples]
+    with RoutingCapture(tm) as cap, RoutingOverride(tm) as over:
+        for idx in sorted_batches(sub, batch_size):
+            batch = collate(encoded, [samples[i] for i in idx], tm.tokenizer.pad_token_id)
+            flat, owner = last_prompt_positions(batch, encoded)
+            over.positions, over.targets = flat, targets[torch.tensor(idx)][owner]
+            out = forward(tm, batch.to(tm.device), cap)
+            ok = score(out, batch).correct.cpu()
+            for s, i in enumerate(batch.indices):
+                correct[where[i]] = ok[s]
+                scores[where[i]] = out.choice_scores[s][batch.choice_mask[s]].cpu()
+    return correct, scores
+
+
+def transplant_targets(
+    kind: str, wrong: list[int], snap: Any, nb: Any, tasks: list[str], k: int, seed: int
+) -> tuple[list[int], torch.Tensor]:
+    """(samples tried, their ``[S, D]`` targets) for one target kind."""
+    rng = np.random.default_rng(seed)
+    succ = np.flatnonzero(snap.correct.numpy())
+    chosen, rows = [], []
+    for i in wrong:
+        if kind == "neighbours":
+            valid = nb.index[i] >= 0
+            if not valid.any():
+                continue
+            w = torch.as_tensor(nb.weight[i][valid], dtype=torch.float32)
+            rows.append(w @ snap.routing[nb.index[i][valid]])
+        else:
+            pool = [j for j in succ if j != i and (kind == "random_any" or tasks[j] == tasks[i])]
+            if not pool:
+                continue
+            pick = rng.choice(pool, size=min(k, len(pool)), replace=False)
+            rows.append(snap.routing[pick].mean(0))
+        chosen.append(i)
+    return chosen, torch.stack(rows) if rows else snap.routing[:0]
+
+
+def _counts(
+    idx: list[int], correct: list[bool], fixed: dict[str, tuple[set[int], set[int]]]
+) -> dict[str, Any]:
+    n, base = len(idx), sum(correct[i] for i in idx)
+    out: dict[str, Any] = {"n": n, "wrong": n - base, "base_accuracy": base / max(n, 1)}
+    for kind, (tried, ok) in fixed.items():
+        t, f = len(tried & set(idx)), len(ok & set(idx))
+        out[kind] = {
+            "tried": t,
+            "fixed": f,
+            "fix_rate": f / t if t else 0.0,  # 0.0 when nothing was tried
+            "accuracy_if_applied": (base + f) / max(n, 1),
+        }
+    return out
+
+
+def transplant_accuracy(
+    model: str,
+    data: str,
+    scoring: str = "loglik",
+    layers: str | None = None,
+    k: int = 3,
+    sigma: float = 0.4,
+    embedder: str = DEFAULT_EMBEDDER,
+    template: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Share of wrong samples fixed by transplanting neighbour / random successful routing.
+
+    Control targets average ``min(k, candidates)`` successful samples; a wrong sample without
+    neighbours (or candidates) is not tried for that kind.
+    """
+    from tuner.data import load_examples
+    from tuner.embed import embed_texts
+    from tuner.encode import encode
+    from tuner.model import load_model
+    from tuner.neighbours import find_neighbours
+    from tuner.snapshot import take_snapshot
+
+    tm = load_model(model, layers, "float32", "cpu")
+    examples = load_examples(data, limit=limit).examples
+    encoded = encode(examples, tm.tokenizer, scoring, template)
+    snap = take_snapshot(tm, encoded, batch_size)
+    emb = embed_texts([e.prompt for e in examples], embedder)
+    nb = find_neighbours(emb, snap.correct.numpy(), k=k, sigma=sigma)
+    tasks = [e.task for e in examples]
+    correct = snap.correct.tolist()
+    wrong = [i for i, c in enumerate(correct) if not c]
+    fixed: dict[str, tuple[set[int], set[int]]] = {}
+    for kind in track(KINDS, description="transplant", disable=not progress):
+        chosen, targets = transplant_targets(kind, wrong, snap, nb, tasks, k, seed)
+        ok = rescore(tm, encoded, chosen, targets, batch_size)[0] if chosen else torch.zeros(0)
+        fixed[kind] = (set(chosen), {i for i, c in zip(chosen, ok.tolist(), strict=True) if c})
+    result = _counts(list(range(len(examples))), correct, fixed)
+    result["per_task"] = {
+        t: _counts([i for i in range(len(tasks)) if tasks[i] == t], correct, fixed)
+        for t in sorted(set(tasks))
+    }
+    return {**result, "k": k, "sigma": sigma, "layers": tm.layers, "scoring": scoring}
+
+
+@app.command()
+def main(
+    model: str = typer.Option("bench/models/demo-olmoe", help="Checkpoint."),
+    data: str = typer.Option("bench/data/demo/test.jsonl", help="Labelled rows."),
+    scoring: str = typer.Option("loglik", help="'letter' or 'loglik'."),
+    layers: str = typer.Option(None, help="Routers to transplant (default: the tuner's)."),
+    k: int = typer.Option(3, help="Neighbours (and random samples) per target."),
+    sigma: float = typer.Option(0.4, help="Gaussian kernel width."),
+    embedder: str = typer.Option(DEFAULT_EMBEDDER, help="Sentence-transformers embedder."),
+    limit: int = typer.Option(None, help="Only the first N rows."),
+    seed: int = typer.Option(0, help="Seed of the random controls."),
+    json_out: str = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """Print the fix rate of each transplant target."""
+    r = transplant_accuracy(
+        model, data, scoring, layers, k, sigma, embedder, limit=limit, seed=seed, progress=True
+    )
+    print(f"n={r['n']}  wrong={r['wrong']}  base {r['base_accuracy']:.3f}")
+    for kind in KINDS:
+        x = r[kind]
+        print(
+            f"{kind:17s} fixed {x['fixed']:4d}/{x['tried']:<4d} ({x['fix_rate']:.3f})  "
+            f"accuracy if applied {x['accuracy_if_applied']:.3f}"
+        )
+    if json_out:
+        Path(json_out).write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    app()
