@@ -139,6 +139,42 @@ def test_short_pretraining_run_is_deterministic_and_loads(tiny_data: Path, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def served_pretrained(tiny_data: Path, tmp_path_factory, run_vllm_jobs) -> dict:
+    """Short pretraining runs of both architectures; HF greedy tokens and vLLM's (one
+    subprocess for both engines)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    jobs, expected = {}, {}
+    for arch in ("olmoe", "qwen3moe"):
+        out = tmp_path_factory.mktemp(arch)
+        pretrain(tiny_data, out, PretrainConfig(arch=arch, dtype="float32", **TINY), progress=False)
+        tok = AutoTokenizer.from_pretrained(out)
+        rows = tasks.read_jsonl(tiny_data / "val.jsonl")
+        prompts = [tok(r["question"], add_special_tokens=False)["input_ids"] for r in rows]
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        expected[arch] = []
+        with torch.no_grad():
+            for ids in prompts:
+                seq = torch.tensor([ids])
+                for _ in range(4):
+                    nxt = model(input_ids=seq).logits[0, -1].argmax()
+                    seq = torch.cat([seq, nxt.view(1, 1)], 1)
+                expected[arch].append(seq[0, len(ids) :].tolist())
+        jobs[arch] = {"model": str(out), "prompts": prompts, "max_tokens": 4}
+    return {"expected": expected, "vllm": run_vllm_jobs(jobs)}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3moe"])
+def test_short_pretraining_checkpoint_loads_in_vllm_like_transformers(
+    arch: str, served_pretrained: dict
+):
+    result = served_pretrained["vllm"][arch]
+    assert result["ok"], result.get("error")
+    assert result["tokens"] == served_pretrained["expected"][arch]
+
+
 def test_short_pretraining_run_qwen3moe(tiny_data: Path, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
