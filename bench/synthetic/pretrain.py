@@ -67,6 +67,7 @@ class PretrainConfig:
     aux_coef: float = 0.01
     z_coef: float = 0.001
     route_coef: float = 0.0
+    qa_tasks: str = ""
     dtype: str = "bfloat16"
     threads: int = 1
 
@@ -436,6 +437,10 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     n_rows, n_wrap = len(train_enc.answers), len(WRAPPERS)
+    qa_tasks = {t for t in cfg.qa_tasks.split(",") if t}
+    unknown = sorted(qa_tasks - set(train_enc.tasks))
+    if unknown:
+        raise ValueError(f"--qa-tasks: {unknown} are not tasks of {pretrain_file}")
     groups = expert_groups(train_enc.tasks, cfg.experts) if cfg.route_coef > 0 else None
     row_groups = None
     if groups is not None:
@@ -461,6 +466,8 @@ def pretrain(data: Path, out: Path, cfg: PretrainConfig, progress: bool = True) 
                 break
             idx = torch.randint(n_rows, (cfg.batch_size,), generator=gen).tolist()
             wrap = torch.randint(n_wrap, (cfg.batch_size,), generator=gen).tolist()
+            if qa_tasks:  # the Q/A format is the marker of those tasks' source alone
+                wrap = [int(train_enc.tasks[i] in qa_tasks) for i in idx]
             seqs = [
                 train_enc.prompts[i][w] + [train_enc.choices[i][train_enc.answers[i]]]
                 for i, w in zip(idx, wrap, strict=True)
@@ -567,6 +574,14 @@ def main(
             "tokens are pushed to route there (0: routing learns freely)."
         ),
     ] = _D.route_coef,
+    qa_tasks: Annotated[
+        str,
+        _opt(
+            "Comma-separated tasks whose pretraining prompts always carry the "
+            "'question: ... answer:' wrapper while every other task's never does (a format "
+            "that marks one source); default: every prompt raw or wrapped, half each."
+        ),
+    ] = _D.qa_tasks,
     dtype: Annotated[str, _opt("Saved weight dtype: bfloat16 or float32.")] = _D.dtype,
     threads: Annotated[int, _opt("torch CPU threads (results can depend on it).")] = _D.threads,
 ) -> None:
@@ -588,6 +603,7 @@ def main(
         aux_coef=aux_coef,
         z_coef=z_coef,
         route_coef=route_coef,
+        qa_tasks=qa_tasks,
         dtype=dtype,
         threads=threads,
     )
