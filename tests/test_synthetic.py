@@ -187,3 +187,79 @@ def test_short_pretraining_run_qwen3moe(tiny_data: Path, tmp_path: Path):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="--hidden 100: must be a multiple of 32"):
         PretrainConfig(hidden=100)
+
+
+def test_expert_groups_and_route_loss_match_a_direct_computation():
+    from bench.synthetic.pretrain import expert_groups, route_loss
+
+    groups = expert_groups(["b", "a", "c", "a"], 7)
+    assert groups == {"a": [0, 1], "b": [2, 3], "c": [4, 5]}
+    with pytest.raises(ValueError, match="at least one expert per task: 2 experts, 3 tasks"):
+        expert_groups(["a", "b", "c"], 2)
+
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, n_exp = 3, 4, 7
+    logits = tuple(torch.randn(batch * seq, n_exp, generator=gen) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    tasks = ["a", "c", "b"]
+    group_mask = torch.zeros(batch, n_exp, dtype=torch.bool)
+    for i, t in enumerate(tasks):
+        group_mask[i, groups[t]] = True
+    terms = []
+    for layer in logits:
+        for b in range(batch):
+            for s in range(seq):
+                if mask[b, s]:
+                    p = layer[b * seq + s].softmax(-1)
+                    terms.append(-torch.log(p[groups[tasks[b]]].sum()))
+    expected = torch.stack(terms).reshape(2, -1).mean(1).mean()
+    torch.testing.assert_close(route_loss(logits, mask, group_mask), expected)
+
+
+@pytest.fixture(scope="module")
+def routed_model(tiny_data: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("routed")
+    cfg = PretrainConfig(**{**TINY, "experts": 8, "top_k": 1}, route_coef=1.0, dtype="float32")
+    pretrain(tiny_data, out, cfg, progress=False)
+    return out
+
+
+def test_routing_gap_base_matches_pretrain_evaluation_and_forcing_routes_to_the_group(
+    routed_model: Path, tiny_data: Path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.synthetic.pretrain import accuracy_by_task, encode, evaluate
+    from bench.synthetic.routing_gap import forced_routing, routing_gap
+
+    metrics = json.loads((routed_model / "metrics.json").read_text())
+    groups = metrics["expert_groups"]
+    assert sorted(groups) == sorted(tasks.FAMILY_NAMES) and all(
+        len(g) == 1 for g in groups.values()
+    )
+    val = tiny_data / "val.jsonl"
+    result = routing_gap(str(routed_model), str(val))
+
+    tok = AutoTokenizer.from_pretrained(routed_model)
+    model = AutoModelForCausalLM.from_pretrained(routed_model, dtype=torch.float32)
+    enc = encode(tasks.read_jsonl(val), tok)
+    direct = evaluate(model, enc, 1, tok.pad_token_id)
+    assert result["base"] == accuracy_by_task(direct["correct"], enc.tasks)
+    assert set(result) >= {"own", "other"}
+
+    # forcing sends every token of a row to its task's expert, in every layer
+    seen = []
+    ids = tok([tasks.read_jsonl(val)[0]["question"]], add_special_tokens=False)["input_ids"]
+    expert = groups[enc.tasks[0]][0]
+    bias = {"rows": torch.zeros(len(ids[0]), 8)}
+    bias["rows"][:, expert] = 30.0
+    with forced_routing(model, bias), torch.no_grad():
+        hooks = [  # registered after the forcing hooks: they see the forced choice
+            layer.mlp.gate.register_forward_hook(lambda m, a, o: seen.append(o[2][:, 0].clone()))
+            for layer in model.model.layers
+        ]
+        model(input_ids=torch.tensor(ids))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(model.model.layers)
+    assert all(bool((s == expert).all()) for s in seen)

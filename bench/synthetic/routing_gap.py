@@ -1,0 +1,121 @@
+"""How much accuracy is routing worth? Force every token to its task's own experts.
+
+A model pretrained with ``--route-coef`` owns a group of experts per task
+(``metrics.json`` -> ``expert_groups``). Forcing every token of a question, in every layer,
+to the top-k experts of its task's group (``own``) shows what correct task routing would
+give; forcing it to another task's group (``other``: the next task in sorted order) shows how
+much the experts matter at all. ``own - base`` is the routing gap that router tuning can try
+to close on that data; the per-sample oracle (:mod:`bench.oracle`) is a looser bound.
+
+    python -m bench.synthetic.routing_gap --model bench/models/demo-olmoe --data bench/data/demo/val.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+
+from bench.synthetic.pretrain import WRAPPERS, accuracy_by_task, encode, pad_batch
+from bench.synthetic.tasks import read_jsonl
+
+BIAS = 30.0  # added to the chosen experts' logits: larger than any logit gap seen
+
+
+@contextlib.contextmanager
+def forced_routing(model: Any, bias: dict[str, torch.Tensor | None]) -> Iterator[None]:
+    """While active, every MoE router adds ``bias["rows"]`` (``[tokens, experts]``, or
+    nothing when None) to its logits before choosing its top-k experts."""
+
+    def hook(module: Any, args: tuple, output: tuple) -> tuple | None:
+        extra = bias["rows"]
+        if extra is None:
+            return None
+        logits = output[0] + extra.to(output[0])
+        probs = logits.float().softmax(-1)
+        top, index = probs.topk(module.top_k, -1)
+        if getattr(module, "norm_topk_prob", False):
+            top = top / top.sum(-1, keepdim=True)
+        return logits, top.to(output[1].dtype), index
+
+    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def routing_gap(model_dir: str, data: str, wrapper: int = 1, batch_size: int = 64) -> dict:
+    """Accuracy with the model's own routing, forced to the own task's experts and to
+    another task's, overall and per task (``wrapper``: index into pretrain's WRAPPERS)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    groups = json.loads((Path(model_dir) / "metrics.json").read_text()).get("expert_groups")
+    if not groups:
+        raise ValueError(
+            f"{model_dir}/metrics.json: no expert_groups (not pretrained with --route-coef)"
+        )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
+    enc = encode(read_jsonl(Path(data)), tok)
+    names = sorted(groups)
+    n_exp = model.config.num_experts
+    target = {
+        "own": {t: groups[t] for t in names},
+        "other": {t: groups[names[(i + 1) % len(names)]] for i, t in enumerate(names)},
+    }
+    bias: dict[str, torch.Tensor | None] = {"rows": None}
+    correct: dict[str, list[bool]] = {"base": [], "own": [], "other": []}
+    with forced_routing(model, bias):
+        for start in range(0, len(enc.answers), batch_size):
+            idx = list(range(start, min(start + batch_size, len(enc.answers))))
+            ids, mask = pad_batch([enc.prompts[i][wrapper] for i in idx], tok.pad_token_id)
+            last = mask.sum(1) - 1
+            for kind in correct:
+                bias["rows"] = None
+                if kind != "base":
+                    b = torch.zeros(len(idx), ids.shape[1], n_exp)
+                    for j, i in enumerate(idx):
+                        b[j, :, target[kind][enc.tasks[i]]] = BIAS
+                    bias["rows"] = b.reshape(-1, n_exp)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                for j, i in enumerate(idx):
+                    scores = logits[j, last[j], enc.choices[i]]
+                    correct[kind].append(int(scores.argmax()) == enc.answers[i])
+    return {
+        "data": str(data),
+        "wrapper": WRAPPERS[wrapper],
+        **{kind: accuracy_by_task(c, enc.tasks) for kind, c in correct.items()},
+    }
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    model: str = typer.Option("bench/models/demo-olmoe", help="Checkpoint with expert_groups."),
+    data: str = typer.Option("bench/data/demo/val.jsonl", help="Labelled rows."),
+    raw: bool = typer.Option(False, help="Raw prompts instead of the Question/Answer wrapper."),
+    json_out: str = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """Print accuracy with the model's routing and with routing forced by task."""
+    result = routing_gap(model, data, wrapper=0 if raw else 1)
+    for kind in ("base", "own", "other"):
+        per_task = " ".join(f"{t} {v:.2f}" for t, v in result[kind].items() if t != "all")
+        print(f"{kind:5s} {result[kind]['all']:.3f}  ({per_task})")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    app()
