@@ -23,6 +23,7 @@ import typer
 
 from bench.synthetic.pretrain import WRAPPERS, accuracy_by_task, encode, pad_batch
 from bench.synthetic.tasks import read_jsonl
+from bench.transplant import renormalises
 
 BIAS = 30.0  # added to the chosen experts' logits: larger than any logit gap seen
 
@@ -37,9 +38,8 @@ def forced_routing(model: Any, bias: dict[str, torch.Tensor | None]) -> Iterator
         if extra is None:
             return None
         logits = output[0] + extra.to(output[0])
-        probs = logits.float().softmax(-1)
-        top, index = probs.topk(module.top_k, -1)
-        if getattr(module, "norm_topk_prob", False):
+        top, index = logits.float().softmax(-1).topk(output[2].shape[-1], -1)
+        if renormalises(module, *output):
             top = top / top.sum(-1, keepdim=True)
         return logits, top.to(output[1].dtype), index
 
