@@ -114,9 +114,9 @@ def main(
     ),
     data: Path = typer.Option(ROOT / "bench/data/demo", help="Folder with train/val/test.jsonl."),
     seeds: str = typer.Option("0,1,2", help="Tuning seeds (comma-separated), at least 3."),
-    lrs: str = typer.Option("1e-3,3e-3", help="Learning rates searched for router tuning."),
-    lambdas: str = typer.Option("0.1,1.0", help="RoMA lambdas searched at the chosen lr."),
-    epochs: int = typer.Option(3, help="Epochs per search run; the best epoch on val is kept."),
+    lrs: str = typer.Option("1e-3,3e-3,1e-2", help="Learning rates searched for router tuning."),
+    lambdas: str = typer.Option("0.1,0.3,1.0", help="RoMA lambdas searched at the chosen lr."),
+    epochs: int = typer.Option(4, help="Epochs per search run; the best epoch on val is kept."),
     k: int = typer.Option(3, help="RoMA neighbours."),
     oracle_steps: int = typer.Option(10, help="Oracle: Adam steps per sample."),
     out: Path = typer.Option(ROOT / "bench/results", help="Where results go."),
@@ -250,6 +250,12 @@ def summarise(
     return out
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else path
+
+
 def _pm(m: float, s: float) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
@@ -285,7 +291,7 @@ def markdown(record: dict[str, Any], tasks: list[str]) -> str:
     chosen = record["chosen"]
     return (
         "# Table 1 in miniature (test split, accuracy %)\n\n"
-        f"Model `{record['model']}`, data `{record['data']}`; seeds {record['seeds']} "
+        f"Model `{_shown(record['model'])}`, data `{_shown(record['data'])}`; seeds {record['seeds']} "
         "(mean ± std over seeds; base and oracle are deterministic).\n\n"
         + head
         + "\n".join(rows)
