@@ -7,7 +7,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 clean
+.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 investigate clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-tuner: setup
 
 table1: setup
 	$(PY) -m bench.table1
+
+investigate: setup
+	$(PY) -m bench.investigate
 
 clean:
 	rm -rf .venv build *.egg-info
