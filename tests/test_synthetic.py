@@ -263,3 +263,34 @@ def test_routing_gap_base_matches_pretrain_evaluation_and_forcing_routes_to_the_
         h.remove()
     assert len(seen) == len(model.model.layers)
     assert all(bool((s == expert).all()) for s in seen)
+
+
+def test_routing_gap_last_only_forces_just_the_last_prompt_token(
+    routed_model: Path, tiny_data: Path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.synthetic.pretrain import accuracy_by_task, encode
+    from bench.synthetic.routing_gap import BIAS, forced_routing, routing_gap
+
+    val = tiny_data / "val.jsonl"
+    result = routing_gap(str(routed_model), str(val), last_only=True)
+    groups = json.loads((routed_model / "metrics.json").read_text())["expert_groups"]
+    tok = AutoTokenizer.from_pretrained(routed_model)
+    model = AutoModelForCausalLM.from_pretrained(routed_model, dtype=torch.float32)
+    enc = encode(tasks.read_jsonl(val), tok)
+    bias: dict = {"rows": None}
+    correct, scores = [], []
+    with forced_routing(model, bias), torch.no_grad():
+        for i, task in enumerate(enc.tasks):  # one unpadded row at a time
+            ids = enc.prompts[i][1]
+            bias["rows"] = torch.zeros(len(ids), 8)
+            bias["rows"][-1, groups[task]] = BIAS
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, enc.choices[i]]
+            correct.append(int(logits.argmax()) == enc.answers[i])
+            scores.append(logits.tolist())
+    assert result["last_only"] is True
+    assert result["own"] == pytest.approx(accuracy_by_task(correct, enc.tasks))
+    torch.testing.assert_close(torch.tensor(result["choice_scores"]["own"]), torch.tensor(scores))
+    everywhere = routing_gap(str(routed_model), str(val))["choice_scores"]["own"]
+    assert not torch.allclose(torch.tensor(everywhere), torch.tensor(scores), atol=1e-4)

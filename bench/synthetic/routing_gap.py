@@ -52,9 +52,12 @@ def forced_routing(model: Any, bias: dict[str, torch.Tensor | None]) -> Iterator
 
 
 @torch.no_grad()
-def routing_gap(model_dir: str, data: str, wrapper: int = 1, batch_size: int = 64) -> dict:
+def routing_gap(
+    model_dir: str, data: str, wrapper: int = 1, last_only: bool = False, batch_size: int = 64
+) -> dict:
     """Accuracy with the model's own routing, forced to the own task's experts and to
-    another task's, overall and per task (``wrapper``: index into pretrain's WRAPPERS)."""
+    another task's, overall and per task (``wrapper``: index into pretrain's WRAPPERS;
+    ``last_only``: force only the last prompt token, the one whose routing RoMA aligns)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     groups = json.loads((Path(model_dir) / "metrics.json").read_text()).get("expert_groups")
@@ -75,6 +78,7 @@ def routing_gap(model_dir: str, data: str, wrapper: int = 1, batch_size: int = 6
     }
     bias: dict[str, torch.Tensor | None] = {"rows": None}
     correct: dict[str, list[bool]] = {"base": [], "own": [], "other": []}
+    scores: dict[str, list[list[float]]] = {kind: [] for kind in correct}
     with forced_routing(model, bias):
         for start in range(0, len(enc.answers), batch_size):
             idx = list(range(start, min(start + batch_size, len(enc.answers))))
@@ -85,16 +89,20 @@ def routing_gap(model_dir: str, data: str, wrapper: int = 1, batch_size: int = 6
                 if kind != "base":
                     b = torch.zeros(len(idx), ids.shape[1], n_exp)
                     for j, i in enumerate(idx):
-                        b[j, :, target[kind][enc.tasks[i]]] = BIAS
+                        tokens = slice(int(last[j]), int(last[j]) + 1) if last_only else slice(None)
+                        b[j, tokens, target[kind][enc.tasks[i]]] = BIAS
                     bias["rows"] = b.reshape(-1, n_exp)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 for j, i in enumerate(idx):
-                    scores = logits[j, last[j], enc.choices[i]]
-                    correct[kind].append(int(scores.argmax()) == enc.answers[i])
+                    row = logits[j, last[j], enc.choices[i]]
+                    correct[kind].append(int(row.argmax()) == enc.answers[i])
+                    scores[kind].append(row.tolist())
     return {
         "data": str(data),
         "wrapper": WRAPPERS[wrapper],
+        "last_only": last_only,
         **{kind: accuracy_by_task(c, enc.tasks) for kind, c in correct.items()},
+        "choice_scores": scores,  # per kind, per row: the choices' logits
     }
 
 
@@ -106,10 +114,11 @@ def main(
     model: str = typer.Option("bench/models/demo-olmoe", help="Checkpoint with expert_groups."),
     data: str = typer.Option("bench/data/demo/val.jsonl", help="Labelled rows."),
     raw: bool = typer.Option(False, help="Raw prompts instead of the Question/Answer wrapper."),
+    last_only: bool = typer.Option(False, help="Force only the last prompt token's routing."),
     json_out: str = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:
     """Print accuracy with the model's routing and with routing forced by task."""
-    result = routing_gap(model, data, wrapper=0 if raw else 1)
+    result = routing_gap(model, data, wrapper=0 if raw else 1, last_only=last_only)
     for kind in ("base", "own", "other"):
         per_task = " ".join(f"{t} {v:.2f}" for t, v in result[kind].items() if t != "all")
         print(f"{kind:5s} {result[kind]['all']:.3f}  ({per_task})")
