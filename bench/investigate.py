@@ -173,7 +173,9 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Shared settings: {record['shared']}; seeds {record['seeds']}; "
         f"validation accuracy after the last epoch (%), mean ± std over seeds; "
-        f"Δ = RoMA − router tuning paired by seed, 95% t interval. Took {record['minutes']:.0f} min.",
+        f"Δ = RoMA − router tuning paired by seed, 95% t interval. {record['runs']} runs, "
+        f"{record['run_minutes']:.0f} min of tuner stages in all (embeddings, snapshots, "
+        f"training); this invocation took {record['minutes']:.0f} min.",
         "",
         "| variant | what changes | base | router tuning | RoMA | Δ (points) | 95% CI |",
         "|---|---|---|---|---|---|---|",
@@ -267,6 +269,8 @@ def main(
         "models": models,
         "rows": summarise(chosen, records, seed_list, shared),
         "transplant": transplant,
+        "runs": len(records),
+        "run_minutes": sum(sum(r["timings"].values()) for r in records.values()) / 60,
         "minutes": (time.perf_counter() - start) / 60,
     }
     (out / "investigation.json").write_text(json.dumps(record, indent=2))
