@@ -13,7 +13,7 @@ of wrong samples this fixes is compared with two controls, the mean routing of `
 successful samples of the same task and of any task: if neighbours fix no more than random
 successful routing does, the embedding neighbourhood carries no routing signal.
 
-    python -m bench.transplant --model bench/models/demo-olmoe --data bench/data/demo/test.jsonl
+    python -m bench.transplant --model bench/models/demo-olmoe --data bench/data/demo/train.jsonl
 """
 
 from __future__ import annotations
