@@ -231,7 +231,7 @@ def transplant_accuracy(
 @app.command()
 def main(
     model: str = typer.Option("bench/models/demo-olmoe", help="Checkpoint."),
-    data: str = typer.Option("bench/data/demo/test.jsonl", help="Labelled rows."),
+    data: str = typer.Option("bench/data/demo/train.jsonl", help="Labelled rows."),
     scoring: str = typer.Option("loglik", help="'letter' or 'loglik'."),
     layers: str = typer.Option(None, help="Routers to transplant (default: the tuner's)."),
     k: int = typer.Option(3, help="Neighbours (and random samples) per target."),
