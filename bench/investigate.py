@@ -13,7 +13,8 @@ successful embedding neighbours (RoMA's target), against random successful sampl
 
 Outputs in ``--out`` (default ``bench/results``): ``investigation.md``, ``investigation.json``
 and ``investigation.png``. Runs go to ``--work`` (default ``runs/investigate``); a run whose
-delta file exists is reused, so an interrupted investigation continues where it stopped.
+delta file exists and was made from the current model is reused, so an interrupted
+investigation continues where it stopped.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def build_models(work: Path, data: Path, needed: set[str]) -> dict[str, str]:
     return models
 
 
+def _made_for(run_dir: Path, model: str) -> bool:
+    """Whether the deltas in ``run_dir`` were made from ``model``'s current router weights
+    (a run left from an older checkpoint of the same name is trained again)."""
+    from roma_vllm.checkpoint import checkpoint_tensors
+    from roma_vllm.deltas import fingerprint, read_deltas
+
+    deltas = read_deltas(run_dir)
+    base = checkpoint_tensors(model, deltas.base_fingerprints)
+    return all(fingerprint(base[n]) == f for n, f in deltas.base_fingerprints.items())
+
+
 def _run_name(model: str, params: dict[str, Any], seed: int) -> str:
     parts = [model] + [f"{k}={v}" for k, v in sorted(params.items())] + [f"seed{seed}"]
     return "_".join(parts).replace("/", "-")
@@ -123,7 +135,7 @@ def run_variants(
         model, params, seed = runs[name]
         out = work / "runs" / name
         log = work / "logs" / f"{name}.log"
-        if (out / "roma_deltas.safetensors").exists():
+        if (out / "roma_deltas.safetensors").exists() and _made_for(out, models[model]):
             from roma_vllm.deltas import read_deltas
 
             return name, read_deltas(out).training
