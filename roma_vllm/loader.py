@@ -11,7 +11,8 @@ names, shapes, base fingerprints, read from the checkpoint's safetensors headers
 tensors only); the stream re-checks what it patches and, at its end, refuses deltas that
 matched nothing. Errors are :class:`~roma_vllm.settings.RomaLoadError`, one line naming the
 file and the problem; vLLM logs them from the engine-core process and fails start-up. The
-loader never serves base routing when deltas were asked for.
+loader never serves base routing when deltas were asked for; while ``ROMA_DELTAS`` or ``roma_*``
+extra-config keys are set, every other load format refuses to start (see ``_guard_other_loaders``).
 
 Parallelism: routers are replicated (``ReplicatedLinear``), so one full-size delta serves any
 tensor-parallel size. With pipeline parallelism every rank streams the whole checkpoint and
@@ -22,6 +23,7 @@ the ranks together cover every delta.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Generator, Iterable
 from typing import Any
@@ -56,7 +58,12 @@ from roma_vllm.deltas import (  # noqa: E402
     check_base_tensor,
     read_deltas,
 )
-from roma_vllm.settings import LOAD_FORMAT, RomaSettings, split_extra_config  # noqa: E402
+from roma_vllm.settings import (  # noqa: E402
+    LOAD_FORMAT,
+    RomaSettings,
+    refuse_deltas_for_other_format,
+    split_extra_config,
+)
 
 # Under the "vllm" logger namespace, so that vLLM's handlers print it in every process.
 logger = init_logger(f"vllm.{__name__}")
@@ -275,4 +282,32 @@ def register_loader() -> None:
 
     if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not RomaModelLoader:
         register_model_loader(LOAD_FORMAT)(RomaModelLoader)
+    _guard_other_loaders()
     _registered = True
+
+
+def _guard_other_loaders() -> None:
+    """Make every other loader refuse to start while deltas are asked for.
+
+    Every vLLM loader passes through ``BaseModelLoader.__init__``, whichever module looked
+    it up and however it was imported, so the check sits there (once; re-entrant).
+    """
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.__init__
+    if getattr(original, "_roma_guard", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, load_config: LoadConfig) -> None:
+        if not isinstance(self, RomaModelLoader):
+            try:
+                refuse_deltas_for_other_format(
+                    str(load_config.load_format), load_config.model_loader_extra_config
+                )
+            except RomaLoadError as e:
+                raise _fail(e) from None
+        original(self, load_config)
+
+    __init__._roma_guard = True  # type: ignore[attr-defined]
+    BaseModelLoader.__init__ = __init__  # type: ignore[method-assign]

@@ -103,3 +103,26 @@ def split_extra_config(
     allow = _parse_bool(extra.get(KEY_ALLOW_MISMATCH, False), KEY_ALLOW_MISMATCH, where)
     rest = {k: v for k, v in extra.items() if k not in ROMA_KEYS}
     return RomaSettings(Path(str(raw_path)).expanduser(), scale, allow), rest
+
+
+def refuse_deltas_for_other_format(
+    load_format: str, extra: Any, environ: Mapping[str, str] | None = None
+) -> None:
+    """Raise if deltas were asked for but vLLM is loading with another load format.
+
+    Without this, ``ROMA_DELTAS=PATH vllm serve MODEL`` (``--load-format roma`` forgotten)
+    would serve the base routers without a word. An empty ``ROMA_DELTAS`` asks for nothing.
+    """
+    environ = os.environ if environ is None else environ
+    how = ""
+    if isinstance(extra, Mapping) and any(k in extra for k in ROMA_KEYS):
+        where = str(extra.get(KEY_DELTAS) or "roma-vllm")
+        how = f"--model-loader-extra-config has {', '.join(k for k in ROMA_KEYS if k in extra)}"
+    elif environ.get(ENV_DELTAS, "").strip():
+        where, how = environ[ENV_DELTAS].strip(), f"{ENV_DELTAS} is set"
+    if how:
+        raise RomaLoadError(
+            f"{where}: {how} but vLLM loads with --load-format {load_format}, which would serve "
+            f"the base routers; pass --load-format {LOAD_FORMAT}, or unset {ENV_DELTAS} to serve "
+            "the base model"
+        )

@@ -179,6 +179,48 @@ def test_env_var_fallback(env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch)
     assert _loader({"roma_deltas": str(env.path), "roma_scale": 2}).settings.scale == 2.0
 
 
+@pytest.mark.parametrize("load_format", ["auto", "safetensors", "dummy"])
+def test_other_load_formats_refuse_env_deltas(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, load_format: str
+) -> None:
+    """ROMA_DELTAS set but --load-format roma forgotten: start-up fails, base is not served."""
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import roma_vllm
+    from roma_vllm.settings import RomaLoadError
+
+    roma_vllm.register()
+    monkeypatch.setenv("ROMA_DELTAS", str(env.path))
+    with pytest.raises(RomaLoadError) as e:
+        get_model_loader(LoadConfig(load_format=load_format))
+    assert str(e.value) == (
+        f"{env.path}: ROMA_DELTAS is set but vLLM loads with --load-format {load_format}, "
+        "which would serve the base routers; pass --load-format roma, or unset ROMA_DELTAS "
+        "to serve the base model"
+    )
+    # the roma loader itself takes the variable; an empty one asks for nothing
+    assert _loader({}).settings.deltas == env.path
+    monkeypatch.setenv("ROMA_DELTAS", " ")
+    assert type(get_model_loader(LoadConfig(load_format=load_format))).__name__ != "RomaModelLoader"
+
+
+def test_other_load_format_refuses_roma_extra_config(env: SimpleNamespace) -> None:
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import get_model_loader
+
+    import roma_vllm
+    from roma_vllm.settings import RomaLoadError
+
+    roma_vllm.register()
+    extra = {"roma_deltas": str(env.path), "roma_scale": 0.5}
+    with pytest.raises(RomaLoadError, match=re.escape(
+        f"{env.path}: --model-loader-extra-config has roma_deltas, roma_scale but vLLM loads "
+        "with --load-format auto, which would serve the base routers"
+    )):  # fmt: skip
+        get_model_loader(LoadConfig(load_format="auto", model_loader_extra_config=extra))
+
+
 # -- against the served checkpoint: refused before the model is built --------------------
 
 
@@ -324,6 +366,8 @@ def engine_errors(env: SimpleNamespace, tiny_model: Any, run_vllm_jobs: Any) -> 
         "mismatch": {**job, "extra": {"roma_deltas": str(other)}},
         "unknown_key": {**job, "extra": {"roma_deltas": str(env.path), "scale": 1}},
         "override": {**job, "extra": {"roma_deltas": str(other), "roma_allow_mismatch": True}},
+        # --load-format roma forgotten: the deltas asked for must not be dropped silently
+        "env_auto": {**job, "load_format": "auto", "env": {"ROMA_DELTAS": str(env.path)}},
     }
     # VLLM_PLUGINS set and naming roma: the plugin loads (test_plugin_serve checks the opposite)
     return {"results": run_vllm_jobs(jobs, env={"VLLM_PLUGINS": "roma"}), "other": other}
@@ -336,6 +380,10 @@ def engine_errors(env: SimpleNamespace, tiny_model: Any, run_vllm_jobs: Any) -> 
         ("missing", "{tmp}/missing.safetensors: delta file not found"),
         ("mismatch", "{other}: tensor 'model.layers.0.mlp.gate.weight' was made for different"),
         ("unknown_key", "{path}: unknown model_loader_extra_config key(s) 'scale'"),
+        (
+            "env_auto",
+            "RomaLoadError: {path}: ROMA_DELTAS is set but vLLM loads with --load-format auto",
+        ),
     ],
 )
 def test_engine_refuses_to_start(
