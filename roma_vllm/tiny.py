@@ -28,6 +28,24 @@ _COMMON: dict[str, Any] = dict(
     initializer_range=0.08,
 )
 
+# DeepSeek-V2 and V3 share multi-head latent attention and a dense first layer
+_DEEPSEEK_MLA: dict[str, Any] = dict(
+    intermediate_size=256,
+    moe_intermediate_size=64,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    kv_lora_rank=512,
+    q_lora_rank=None,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_key_value_heads=4,  # MLA: as many KV heads as query heads
+)
+
 # architecture -> (transformers config class name, extra config kwargs)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "OlmoeForCausalLM": (
@@ -76,43 +94,12 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "DeepseekV2ForCausalLM": (
         "DeepseekV2Config",
-        dict(
-            intermediate_size=256,
-            moe_intermediate_size=64,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            kv_lora_rank=512,
-            q_lora_rank=None,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=32,
-            v_head_dim=32,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            num_key_value_heads=4,  # MLA: as many KV heads as query heads
-            topk_method="greedy",
-        ),
+        dict(_DEEPSEEK_MLA, topk_method="greedy"),
     ),
     "DeepseekV3ForCausalLM": (
         "DeepseekV3Config",
-        dict(
-            intermediate_size=256,
-            moe_intermediate_size=64,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            kv_lora_rank=512,
-            q_lora_rank=None,
-            qk_rope_head_dim=64,
-            qk_nope_head_dim=32,
-            v_head_dim=32,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            num_key_value_heads=4,
-            topk_method="noaux_tc",  # vLLM creates e_score_correction_bias only then
-        ),
+        # vLLM creates e_score_correction_bias only with noaux_tc
+        dict(_DEEPSEEK_MLA, topk_method="noaux_tc"),
     ),
 }
 
