@@ -222,6 +222,36 @@ def test_eval_defaults_to_the_training_scoring(setup: dict[str, Path]) -> None:
     assert report["overall"]["base"]["n"] == 3
 
 
+def test_inputs_fill_unset_prompt_settings_from_the_training_config(
+    setup: dict[str, Path],
+) -> None:
+    from roma_vllm.deltas import read_deltas, write_deltas
+    from tuner.evaluate import resolve_inputs
+
+    d = read_deltas(setup["deltas"])
+    d.training = {
+        "config": {"scoring": "loglik", "template": "Q: {question}\nA:", "chat_template": True}
+    }
+    path = write_deltas(setup["root"] / "recorded.safetensors", d)
+    model = str(setup["model"])
+    recorded = resolve_inputs(model, str(path), False, None, None, None)
+    assert (recorded.scoring, recorded.template, recorded.chat) == (
+        "loglik",
+        "Q: {question}\nA:",
+        True,
+    )
+    assert recorded.deltas.layers == d.layers
+    explicit = resolve_inputs(model, str(path), False, "letter", "{question}", False)
+    assert (explicit.scoring, explicit.template, explicit.chat) == ("letter", "{question}", False)
+    plain = resolve_inputs(model, None, False, None, None, None)
+    assert (plain.deltas, plain.scoring, plain.template, plain.chat) == (
+        None,
+        "letter",
+        None,
+        False,
+    )
+
+
 def test_eval_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
     from roma_vllm.tiny import build_tiny_model
 

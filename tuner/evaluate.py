@@ -106,11 +106,49 @@ def training_config(deltas: Any) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def resolve_template(template: str | None) -> str | None:
-    """``--template``: a file holding the template, or the template text itself (as in run)."""
+@dataclass(frozen=True)
+class Inputs:
+    """The checkpoint, the checked deltas and the prompt settings a run scores with."""
+
+    checkpoint: Path
+    deltas: Any  # roma_vllm.deltas.Deltas | None
+    scoring: str
+    template: str | None
+    chat: bool
+
+
+def resolve_inputs(
+    model: str,
+    deltas_path: str | None,
+    allow_mismatch: bool,
+    scoring: str | None,
+    template: str | None,
+    chat_template: bool | None,
+) -> Inputs:
+    """Resolve the checkpoint, read and check the deltas against it, and fill the prompt
+    settings left unset from the deltas' training config (so prompts render as in training).
+
+    ``template`` is a file holding the template or the template text itself (as in run).
+    """
+    from roma_vllm.checkpoint import resolve_checkpoint
+    from roma_vllm.deltas import read_deltas
+    from tuner.merge import check_against_checkpoint
     from tuner.run_cmd import read_template
 
-    return read_template(template)
+    checkpoint = resolve_checkpoint(model)
+    deltas = None
+    recorded: dict[str, Any] = {}
+    if deltas_path is not None:
+        deltas = read_deltas(deltas_path)
+        check_against_checkpoint(checkpoint, deltas, str(deltas_path), allow_mismatch)
+        recorded = training_config(deltas)
+    return Inputs(
+        checkpoint=checkpoint,
+        deltas=deltas,
+        scoring=scoring or recorded.get("scoring") or DEFAULT_SCORING,
+        template=read_template(template if template is not None else recorded.get("template")),
+        chat=chat_template if chat_template is not None else bool(recorded.get("chat_template")),
+    )
 
 
 # ------------------------------------------------------------------ summaries
@@ -243,28 +281,19 @@ def evaluate(
     """
     from transformers import AutoTokenizer
 
-    from roma_vllm.checkpoint import resolve_checkpoint
-    from roma_vllm.deltas import read_deltas
     from tuner.data import load_examples
     from tuner.encode import encode
-    from tuner.merge import check_against_checkpoint
 
-    checkpoint = resolve_checkpoint(opts.model)
-    deltas = None
-    recorded: dict[str, Any] = {}
-    if opts.deltas is not None:
-        deltas = read_deltas(opts.deltas)
-        check_against_checkpoint(checkpoint, deltas, str(opts.deltas), opts.allow_mismatch)
-        recorded = training_config(deltas)
-    scoring = opts.scoring or recorded.get("scoring") or DEFAULT_SCORING
-    template = resolve_template(
-        opts.template if opts.template is not None else recorded.get("template")
+    inputs = resolve_inputs(
+        opts.model,
+        opts.deltas,
+        opts.allow_mismatch,
+        opts.scoring,
+        opts.template,
+        opts.chat_template,
     )
-    chat = (
-        opts.chat_template
-        if opts.chat_template is not None
-        else bool(recorded.get("chat_template"))
-    )
+    checkpoint, deltas = inputs.checkpoint, inputs.deltas
+    scoring, template, chat = inputs.scoring, inputs.template, inputs.chat
     dtype = opts.dtype or checkpoint_dtype(checkpoint)
     tolerance = opts.tolerance if opts.tolerance is not None else DEFAULT_TOLERANCE[dtype]
 

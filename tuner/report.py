@@ -150,36 +150,27 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 
 def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_progress) -> dict:
     """Data, embeddings and routing vectors (base, and tuned with deltas) for a report."""
-    from roma_vllm.checkpoint import resolve_checkpoint
-    from roma_vllm.deltas import read_deltas
     from roma_vllm.hf import apply_deltas
     from tuner.data import load_examples
     from tuner.embed import embed_texts
     from tuner.encode import encode
-    from tuner.evaluate import checkpoint_dtype, resolve_template, training_config
-    from tuner.merge import check_against_checkpoint
+    from tuner.evaluate import checkpoint_dtype, resolve_inputs
     from tuner.model import load_model
     from tuner.snapshot import take_snapshot
 
-    checkpoint = resolve_checkpoint(opts.model)
-    deltas = None
-    recorded: dict[str, Any] = {}
-    if opts.deltas is not None:
-        deltas = read_deltas(opts.deltas)
-        check_against_checkpoint(checkpoint, deltas, str(opts.deltas), opts.allow_mismatch)
-        recorded = training_config(deltas)
+    inputs = resolve_inputs(
+        opts.model,
+        opts.deltas,
+        opts.allow_mismatch,
+        opts.scoring,
+        opts.template,
+        opts.chat_template,
+    )
+    checkpoint, deltas = inputs.checkpoint, inputs.deltas
+    scoring, template, chat = inputs.scoring, inputs.template, inputs.chat
     layers = opts.layers
     if layers is None and deltas is not None:
         layers = ",".join(str(layer) for layer in deltas.layers)
-    scoring = opts.scoring or recorded.get("scoring") or "letter"
-    template = resolve_template(
-        opts.template if opts.template is not None else recorded.get("template")
-    )
-    chat = (
-        opts.chat_template
-        if opts.chat_template is not None
-        else bool(recorded.get("chat_template"))
-    )
     dtype = opts.dtype or ("float32" if checkpoint_dtype(checkpoint) == "float32" else "bfloat16")
 
     data = load_examples(opts.data, skip_bad_rows=opts.skip_bad_rows, limit=opts.limit)
