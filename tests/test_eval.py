@@ -233,17 +233,22 @@ def test_inputs_fill_unset_prompt_settings_from_the_training_config(
         "config": {"scoring": "loglik", "template": "Q: {question}\nA:", "chat_template": True}
     }
     path = write_deltas(setup["root"] / "recorded.safetensors", d)
-    model = str(setup["model"])
-    recorded = resolve_inputs(model, str(path), False, None, None, None)
+
+    def opts(deltas: Path | None, **kw: object) -> EvalOptions:
+        return EvalOptions(model=str(setup["model"]), data=str(setup["data"]), deltas=deltas, **kw)
+
+    recorded = resolve_inputs(opts(str(path)))
     assert (recorded.scoring, recorded.template, recorded.chat) == (
         "loglik",
         "Q: {question}\nA:",
         True,
     )
     assert recorded.deltas.layers == d.layers
-    explicit = resolve_inputs(model, str(path), False, "letter", "{question}", False)
+    explicit = resolve_inputs(
+        opts(str(path), scoring="letter", template="{question}", chat_template=False)
+    )
     assert (explicit.scoring, explicit.template, explicit.chat) == ("letter", "{question}", False)
-    plain = resolve_inputs(model, None, False, None, None, None)
+    plain = resolve_inputs(opts(None))
     assert (plain.deltas, plain.scoring, plain.template, plain.chat) == (
         None,
         "letter",

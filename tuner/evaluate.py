@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from roma_vllm import __version__
 from tuner.eval_scores import SampleScore, kind
@@ -117,14 +117,18 @@ class Inputs:
     chat: bool
 
 
-def resolve_inputs(
-    model: str,
-    deltas_path: str | None,
-    allow_mismatch: bool,
-    scoring: str | None,
-    template: str | None,
-    chat_template: bool | None,
-) -> Inputs:
+class InputOptions(Protocol):
+    """The options of a command that scores a model with optional deltas (eval, report)."""
+
+    model: str
+    deltas: str | None
+    allow_mismatch: bool
+    scoring: str | None
+    template: str | None
+    chat_template: bool | None
+
+
+def resolve_inputs(opts: InputOptions) -> Inputs:
     """Resolve the checkpoint, read and check the deltas against it, and fill the prompt
     settings left unset from the deltas' training config (so prompts render as in training).
 
@@ -135,19 +139,21 @@ def resolve_inputs(
     from tuner.merge import check_against_checkpoint
     from tuner.run_cmd import read_template
 
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = resolve_checkpoint(opts.model)
     deltas = None
     recorded: dict[str, Any] = {}
-    if deltas_path is not None:
-        deltas = read_deltas(deltas_path)
-        check_against_checkpoint(checkpoint, deltas, str(deltas_path), allow_mismatch)
+    if opts.deltas is not None:
+        deltas = read_deltas(opts.deltas)
+        check_against_checkpoint(checkpoint, deltas, str(opts.deltas), opts.allow_mismatch)
         recorded = training_config(deltas)
+    template = opts.template if opts.template is not None else recorded.get("template")
+    chat = opts.chat_template
     return Inputs(
         checkpoint=checkpoint,
         deltas=deltas,
-        scoring=scoring or recorded.get("scoring") or DEFAULT_SCORING,
-        template=read_template(template if template is not None else recorded.get("template")),
-        chat=chat_template if chat_template is not None else bool(recorded.get("chat_template")),
+        scoring=opts.scoring or recorded.get("scoring") or DEFAULT_SCORING,
+        template=read_template(template),
+        chat=chat if chat is not None else bool(recorded.get("chat_template")),
     )
 
 
@@ -284,22 +290,14 @@ def evaluate(
     from tuner.data import load_examples
     from tuner.encode import encode
 
-    inputs = resolve_inputs(
-        opts.model,
-        opts.deltas,
-        opts.allow_mismatch,
-        opts.scoring,
-        opts.template,
-        opts.chat_template,
-    )
+    inputs = resolve_inputs(opts)
     checkpoint, deltas = inputs.checkpoint, inputs.deltas
-    scoring, template, chat = inputs.scoring, inputs.template, inputs.chat
     dtype = opts.dtype or checkpoint_dtype(checkpoint)
     tolerance = opts.tolerance if opts.tolerance is not None else DEFAULT_TOLERANCE[dtype]
 
     data = load_examples(opts.data, skip_bad_rows=opts.skip_bad_rows, limit=opts.limit)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    encoded = encode(data.examples, tokenizer, scoring, template, chat)
+    encoded = encode(data.examples, tokenizer, inputs.scoring, inputs.template, inputs.chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     scores = _score(opts, checkpoint, encoded, deltas, dtype, pad_id, progress)
@@ -329,9 +327,9 @@ def evaluate(
         "skipped_rows": data.skipped,
         "backend": opts.backend,
         "dtype": dtype,
-        "scoring": scoring,
-        "template": template,
-        "chat_template": chat,
+        "scoring": inputs.scoring,
+        "template": inputs.template,
+        "chat_template": inputs.chat,
         "tolerance": tolerance,
         "options": asdict(opts),
         "overall": overall,

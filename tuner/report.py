@@ -158,16 +158,8 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
     from tuner.model import load_model
     from tuner.snapshot import take_snapshot
 
-    inputs = resolve_inputs(
-        opts.model,
-        opts.deltas,
-        opts.allow_mismatch,
-        opts.scoring,
-        opts.template,
-        opts.chat_template,
-    )
+    inputs = resolve_inputs(opts)
     checkpoint, deltas = inputs.checkpoint, inputs.deltas
-    scoring, template, chat = inputs.scoring, inputs.template, inputs.chat
     layers = opts.layers
     if layers is None and deltas is not None:
         layers = ",".join(str(layer) for layer in deltas.layers)
@@ -179,7 +171,7 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
     texts = [e.prompt for e in data.examples]
     embeddings = embed_texts(texts, opts.embedder, progress=progress("embeddings", len(texts)))
     tm = load_model(str(checkpoint), layers, dtype, opts.device)
-    encoded = encode(data.examples, tm.tokenizer, scoring, template, chat)
+    encoded = encode(data.examples, tm.tokenizer, inputs.scoring, inputs.template, inputs.chat)
     snaps = {
         "base": take_snapshot(
             tm, encoded, opts.batch_size, None, progress("base routing", len(encoded))
@@ -196,7 +188,7 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
         "layers": list(tm.layers),
         "num_experts": tm.num_experts,
         "architecture": tm.architecture,
-        "scoring": scoring,
+        "scoring": inputs.scoring,
         "dtype": dtype,
         "routing": {v: s.routing.numpy().astype(np.float64) for v, s in snaps.items()},
         "accuracy": {v: s.accuracy for v, s in snaps.items()},
