@@ -234,7 +234,7 @@ def test_inputs_fill_unset_prompt_settings_from_the_training_config(
     }
     path = write_deltas(setup["root"] / "recorded.safetensors", d)
 
-    def opts(deltas: Path | None, **kw: object) -> EvalOptions:
+    def opts(deltas: str | None, **kw: object) -> EvalOptions:
         return EvalOptions(model=str(setup["model"]), data=str(setup["data"]), deltas=deltas, **kw)
 
     recorded = resolve_inputs(opts(str(path)))

@@ -24,10 +24,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from roma_vllm import __version__
 from tuner.eval_scores import SampleScore, kind
+
+if TYPE_CHECKING:
+    from roma_vllm.deltas import RouterDeltas
 
 BACKENDS = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,7 +114,7 @@ class Inputs:
     """The checkpoint, the checked deltas and the prompt settings a run scores with."""
 
     checkpoint: Path
-    deltas: Any  # roma_vllm.deltas.Deltas | None
+    deltas: RouterDeltas | None
     scoring: str
     template: str | None
     chat: bool
