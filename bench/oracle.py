@@ -34,12 +34,12 @@ def oracle_accuracy(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Base and oracle accuracy (overall and per task) of ``model`` on ``data``."""
-    from tuner.data import load_examples
-    from tuner.encode import encode
-    from tuner.forward import collate, forward
-    from tuner.model import load_model
-    from tuner.routing import RoutingCapture
-    from tuner.scoring import score
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
+    from tuner.model.choice_loss import score
+    from tuner.model.forward import collate, forward
+    from tuner.model.load import load_model
+    from tuner.model.routing import RoutingCapture
 
     torch.manual_seed(0)
     tm = load_model(model, layers=layers, dtype="float32", device="cpu")

@@ -73,8 +73,8 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from roma_vllm.deltas import read_deltas
-    from roma_vllm.testing import write_handmade_deltas
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.helpers import write_handmade_deltas
+    from roma_vllm.testing.tiny import build_tiny_model
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="roma-plugin-demo-") as tmp:

@@ -281,7 +281,7 @@ async def _load_round(base_url: str, n: int, concurrency: int, max_tokens: int) 
 def bench_load_test(
     model: str, deltas: str, rounds: int, n: int, concurrency: int, max_tokens: int, logs: Path
 ) -> dict:
-    from roma_vllm.testing import VllmServer
+    from roma_vllm.testing.helpers import VllmServer
 
     common = ["--dtype", DTYPE, "--enforce-eager", "--max-model-len", "512", "--seed", "0"]
     roma = ["--load-format", "roma",
@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from roma_vllm.checkpoint import checkpoint_shapes
-    from roma_vllm.testing import write_handmade_deltas
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.helpers import write_handmade_deltas
+    from roma_vllm.testing.tiny import build_tiny_model
 
     config = QUICK_CONFIG if args.quick else MODEL_CONFIG
     rounds, pairs, requests = (

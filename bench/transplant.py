@@ -40,7 +40,7 @@ class RoutingOverride:
     Set :attr:`positions` (``[P]`` flat token indices) and :attr:`targets` (``[P, layers *
     experts]``, one probability distribution over experts per tuned layer, layers ascending)
     before a forward pass. Registered with ``prepend`` after entering a
-    :class:`tuner.routing.RoutingCapture`, so that capture records the overridden logits.
+    :class:`tuner.model.routing.RoutingCapture`, so that capture records the overridden logits.
     """
 
     def __init__(self, tm: Any) -> None:
@@ -119,9 +119,9 @@ def rescore(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Correctness ``[S]`` and choice scores of ``samples`` with ``targets[s]`` transplanted
     at every row's last prompt token (multi-row loglik samples: in each of their rows)."""
-    from tuner.forward import collate, forward, sorted_batches
-    from tuner.routing import RoutingCapture
-    from tuner.scoring import score
+    from tuner.model.choice_loss import score
+    from tuner.model.forward import collate, forward, sorted_batches
+    from tuner.model.routing import RoutingCapture
 
     correct = torch.zeros(len(samples), dtype=torch.bool)
     scores: list[torch.Tensor] = [torch.empty(0)] * len(samples)
@@ -199,12 +199,12 @@ def transplant_accuracy(
     Control targets average ``min(k, candidates)`` successful samples; a wrong sample without
     neighbours (or candidates) is not tried for that kind.
     """
-    from tuner.data import load_examples
-    from tuner.embed import embed_texts
-    from tuner.encode import encode
-    from tuner.model import load_model
-    from tuner.neighbours import find_neighbours
-    from tuner.snapshot import take_snapshot
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
+    from tuner.model.load import load_model
+    from tuner.roma.embed import embed_texts
+    from tuner.roma.neighbours import find_neighbours
+    from tuner.roma.snapshot import take_snapshot
 
     tm = load_model(model, layers, "float32", "cpu")
     examples = load_examples(data, limit=limit).examples

@@ -10,7 +10,7 @@ neighbour targets, AdamW, warm-up, clipping and global batch size:
   batches padded to the longest prompt of the dataset, ``model(inputs_embeds=...)`` with
   the embeddings requiring grad (autograd records every layer), the full
   ``[batch, seq, vocab]`` logits, the letter scores read from them at the last prompt token.
-* ``ours``: the real training loop (:func:`tuner.train.train`, the code `roma-tune run`
+* ``ours``: the real training loop (:func:`tuner.train.loop.train`, the code `roma-tune run`
   runs): length-bucketed batches, autograd only above the lowest tuned router, head rows
   only at the scored positions.
 * ``ours_cached``: the same with ``--cache-prefix`` (hidden states entering the lowest tuned
@@ -104,7 +104,7 @@ def _pseudo_words(n: int, rng: random.Random) -> list[str]:
 def build(work: Path, s: Setup) -> tuple[Path, Path]:
     """A random OLMoE of ``s``'s size with a ``s.vocab``-token BPE tokenizer, and
     ``s.samples`` four-choice rows whose prompts vary in length."""
-    from roma_vllm.tiny import build_tiny_model, corpus, train_tokenizer
+    from roma_vllm.testing.tiny import build_tiny_model, corpus, train_tokenizer
 
     rng = random.Random(s.seed)
     lexicon = sorted(set(_pseudo_words(6000, rng)))
@@ -152,9 +152,9 @@ def _tune_config(s: Setup, model: Path, data: Path, cache_prefix: bool = False) 
 
 
 def _load(s: Setup, work: Path) -> tuple[Any, list[Any]]:
-    from tuner.data import load_examples
-    from tuner.encode import encode
-    from tuner.model import load_model
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
+    from tuner.model.load import load_model
 
     cfg = _tune_config(s, work / "model", work / "train.jsonl")
     tm = load_model(cfg.model, cfg.layers, cfg.dtype, cfg.device)
@@ -172,8 +172,8 @@ def make_targets(s: Setup, work: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from tuner.neighbours import find_neighbours
-    from tuner.snapshot import take_snapshot
+    from tuner.roma.neighbours import find_neighbours
+    from tuner.roma.snapshot import take_snapshot
 
     tm, encoded = _load(s, work)
     snap = take_snapshot(tm, encoded, s.batch_size)
@@ -201,8 +201,8 @@ def _targets(work: Path) -> tuple[Any, Any]:
     import numpy as np
     from safetensors.torch import load_file
 
-    from tuner.neighbours import Neighbours
-    from tuner.snapshot import Snapshot
+    from tuner.roma.neighbours import Neighbours
+    from tuner.roma.snapshot import Snapshot
 
     snap = Snapshot.from_tensors(load_file(str(work / "snap.st")))
     with np.load(work / "neighbours.npz") as z:
@@ -218,7 +218,7 @@ def naive_loss(tm: Any, encoded: list[Any], idx: list[int], width: int, snap: An
     """The RoMA loss of samples ``idx`` the straightforward way (see the module docstring)."""
     import torch
 
-    from tuner.objective import roma_loss
+    from tuner.roma.objective import roma_loss
 
     dev = tm.device
     pad = tm.tokenizer.pad_token_id
@@ -247,8 +247,8 @@ def naive_train(tm: Any, encoded: list[Any], s: Setup, snap: Any, nb: Any) -> li
     """``s.epochs`` epochs of the naive loop; wall and CPU seconds of each epoch."""
     import torch
 
-    from tuner.routing import RoutingCapture
-    from tuner.train import warmup_factor
+    from tuner.model.routing import RoutingCapture
+    from tuner.train.loop import warmup_factor
 
     torch.manual_seed(s.seed)
     params = tm.parameters()
@@ -282,9 +282,9 @@ def warm_up(tm: Any, encoded: list[Any], s: Setup, snap: Any, nb: Any, variant: 
             prefix: Any = None) -> None:  # fmt: skip
     """One untimed forward and backward of the variant's step on the first batch (first-call
     costs: allocator growth, lazy initialisation); no optimiser step, so nothing changes."""
-    from tuner.forward import collate
-    from tuner.routing import RoutingCapture
-    from tuner.train import train_step
+    from tuner.model.forward import collate
+    from tuner.model.routing import RoutingCapture
+    from tuner.train.loop import train_step
 
     idx = list(range(min(s.batch_size, len(encoded))))
     with RoutingCapture(tm) as capture:
@@ -303,9 +303,9 @@ def warm_up(tm: Any, encoded: list[Any], s: Setup, snap: Any, nb: Any, variant: 
 
 def check_objective(tm: Any, encoded: list[Any], snap: Any, nb: Any, s: Setup) -> dict:
     """Loss and router gradients of one batch, naive vs ours: they must agree."""
-    from tuner.forward import collate
-    from tuner.routing import RoutingCapture
-    from tuner.train import train_step
+    from tuner.model.forward import collate
+    from tuner.model.routing import RoutingCapture
+    from tuner.train.loop import train_step
 
     idx = list(range(min(s.batch_size, len(encoded))))
     width = max(len(e.prompt_ids) for e in encoded)
@@ -359,8 +359,8 @@ def worker(variant: str, work: Path, s: Setup) -> dict[str, Any]:
     """One variant in this (fresh) process: epoch times and peak memory."""
     import torch
 
-    from tuner.prefix import PrefixCache
-    from tuner.train import train
+    from tuner.model.frozen_cache import PrefixCache
+    from tuner.train.loop import train
 
     torch.set_num_threads(s.threads)
     tm, encoded = _load(s, work)
@@ -495,7 +495,7 @@ def readme_section(res: dict[str, Any]) -> str:
 
 `{res["command"]}` (or `make bench-tuner`), {res["date"]}, {res["seconds"]:.0f} s.
 
-What is compared: the training step of `roma-tune run` (`tuner.train.train`: length-bucketed
+What is compared: the training step of `roma-tune run` (`tuner.train.loop.train`: length-bucketed
 batches, autograd only above the lowest tuned router, head rows only at the scored
 positions), the same with `--cache-prefix`, and a naive implementation of the same RoMA
 objective written in `bench/tuner_speed.py` (input embeddings requiring grad so autograd
@@ -505,7 +505,7 @@ batch size. Before timing, one batch is scored both ways: the losses differ by
 {chk["loss_abs_diff"]:.1e} and the router gradients by {chk["grad_max_rel_diff"]:.1e}
 (relative), so both loops optimise the same objective.
 
-Set-up: random OLMoE built with `roma_vllm.tiny`, {s["layers"]} layers, hidden {s["hidden"]},
+Set-up: random OLMoE built with `roma_vllm.testing.tiny`, {s["layers"]} layers, hidden {s["hidden"]},
 {s["experts"]} experts (top-{s["top_k"]}, width {s["expert_width"]}), vocabulary {s["vocab"]},
 the last {s["tuned"]} routers tuned (the default); {s["samples"]} four-choice letter-scored
 prompts of {pt["min"]}-{pt["max"]} tokens (mean {pt["mean"]}); global batch {s["batch_size"]},

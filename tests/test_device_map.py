@@ -17,10 +17,10 @@ from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 from typer.testing import CliRunner
 
 from roma_vllm.deltas import read_deltas
-from tuner.cli import app
+from tuner.cli.app import app
 from tuner.config import TuneConfig
-from tuner.model import resolve_dtype
-from tuner.pipeline import run
+from tuner.model.load import resolve_dtype
+from tuner.run.pipeline import run
 
 runner = CliRunner()
 

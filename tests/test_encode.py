@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from roma_vllm.tiny import corpus, train_tokenizer
-from tuner.data import Example
-from tuner.encode import EncodeError, encode, letter_tokens, render_prompt
+from roma_vllm.testing.tiny import corpus, train_tokenizer
+from tuner.data.prompts import EncodeError, encode, letter_tokens, render_prompt
+from tuner.data.sources import Example
 
 
 @pytest.fixture(scope="module")

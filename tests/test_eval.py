@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tuner.cli import app
-from tuner.encode import Encoded
-from tuner.eval_scores import choose, free_form
-from tuner.evaluate import EvalOptions, compare, evaluate
+from tuner.cli.app import app
+from tuner.data.prompts import Encoded
+from tuner.evaluate.core import EvalOptions, compare, evaluate
+from tuner.evaluate.results import choose, free_form
 
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "fish", "apple", "pear", "sun", "moon"]
 
@@ -70,7 +70,7 @@ def _random_deltas(model_dir: Path, out: Path, layers: set[int], strength: float
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     model = build_tiny_model(root / "olmoe", "OlmoeForCausalLM")
@@ -142,7 +142,7 @@ def test_compare_separates_near_ties_from_disagreements() -> None:
 
 def test_hf_scores_equal_full_forward(setup: dict[str, Path]) -> None:
     """Batched, padded, head-at-scored-positions scores equal a plain full forward per row."""
-    from tuner.hf_backend import load_hf_model, score_hf
+    from tuner.evaluate.backends.hf import load_hf_model, score_hf
 
     model = load_hf_model(setup["model"], "float32")
     encoded = [
@@ -226,7 +226,7 @@ def test_inputs_fill_unset_prompt_settings_from_the_training_config(
     setup: dict[str, Path],
 ) -> None:
     from roma_vllm.deltas import read_deltas, write_deltas
-    from tuner.evaluate import resolve_inputs
+    from tuner.evaluate.core import resolve_inputs
 
     d = read_deltas(setup["deltas"])
     d.training = {
@@ -258,7 +258,7 @@ def test_inputs_fill_unset_prompt_settings_from_the_training_config(
 
 
 def test_eval_errors_are_one_line(setup: dict[str, Path], tmp_path: Path) -> None:
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.tiny import build_tiny_model
 
     runner = CliRunner()
     base = ["eval", "--model", str(setup["model"]), "--backend", "hf"]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from tuner_fixtures import tiny_dir  # noqa: F401
 
-from tuner.data import Example
-from tuner.encode import encode
-from tuner.forward import collate, forward
-from tuner.model import load_model
-from tuner.prefix import PrefixCache
-from tuner.routing import RoutingCapture
-from tuner.scoring import score
+from tuner.data.prompts import encode
+from tuner.data.sources import Example
+from tuner.model.choice_loss import score
+from tuner.model.forward import collate, forward
+from tuner.model.frozen_cache import PrefixCache
+from tuner.model.load import load_model
+from tuner.model.routing import RoutingCapture
 
 EXAMPLES = [
     Example("the cat is", ("red", "green", "blue"), 0, None, "a", "f:1"),

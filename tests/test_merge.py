@@ -11,8 +11,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from roma_vllm.deltas import RouterDeltas, add_delta, make_deltas, read_deltas, write_deltas
-from tuner.cli import app
-from tuner.merge import MERGE_RECORD, merge
+from tuner.cli.app import app
+from tuner.export.merge import MERGE_RECORD, merge
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +50,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A bf16 tiny Qwen3-MoE saved in several shards, and deltas for two of its layers."""
     import transformers
 
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("merge")
     single = build_tiny_model(root / "single", "Qwen3MoeForCausalLM", dtype=torch.bfloat16)
@@ -114,7 +114,7 @@ def test_merged_model_equals_in_memory_deltas(sharded: tuple[Path, Path], tmp_pa
 
 
 def test_merge_refusals(sharded: tuple[Path, Path], tmp_path: Path) -> None:
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.tiny import build_tiny_model
 
     model, deltas_path = sharded
     runner = CliRunner()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuner.neighbours import brute_force, find_neighbours, kernel_weights
+from tuner.roma.neighbours import brute_force, find_neighbours, kernel_weights
 
 
 def _emb(n, dim=16, seed=0):

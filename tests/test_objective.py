@@ -6,12 +6,12 @@ import pytest
 import torch
 from tuner_fixtures import tiny_dir  # noqa: F401
 
-from tuner.data import Example
-from tuner.encode import encode
-from tuner.forward import collate, forward
-from tuner.model import load_model
-from tuner.objective import manifold_term, roma_loss
-from tuner.routing import RoutingCapture
+from tuner.data.prompts import encode
+from tuner.data.sources import Example
+from tuner.model.forward import collate, forward
+from tuner.model.load import load_model
+from tuner.model.routing import RoutingCapture
+from tuner.roma.objective import manifold_term, roma_loss
 
 
 def test_manifold_term_formula():

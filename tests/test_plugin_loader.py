@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from roma_vllm.checkpoint import checkpoint_tensors
 from roma_vllm.deltas import METADATA_KEY
-from roma_vllm.testing import VllmServer, handmade_deltas, write_handmade_deltas
+from roma_vllm.testing.helpers import VllmServer, handmade_deltas, write_handmade_deltas
 
 ARCH = "OlmoeForCausalLM"
 ROUTER = "model.layers.1.mlp.gate.weight"

@@ -27,7 +27,7 @@ from conftest import ALL_ARCHITECTURES
 
 from roma_vllm.deltas import read_deltas
 from roma_vllm.hf import apply_deltas, hf_parameter
-from roma_vllm.testing import write_handmade_deltas, write_merged_checkpoint
+from roma_vllm.testing.helpers import write_handmade_deltas, write_merged_checkpoint
 
 PROMPTS = [
     "the cat is on the tree and",

@@ -17,7 +17,7 @@ import torch
 
 from roma_vllm.deltas import read_deltas
 from roma_vllm.hf import apply_deltas
-from roma_vllm.testing import VllmServer, write_handmade_deltas
+from roma_vllm.testing.helpers import VllmServer, write_handmade_deltas
 
 ARCH = "Qwen3MoeForCausalLM"
 PROMPT = "the cat is on the"

@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tuner.cli import app
-from tuner.report import nearest
+from tuner.cli.app import app
+from tuner.diagnose.report import nearest
 
 TASKS = {
     "fruit": ["apple", "pear", "grape", "lemon", "bread"],
@@ -45,7 +45,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from roma_vllm.architectures import architecture_of
     from roma_vllm.checkpoint import checkpoint_tensors, load_config
     from roma_vllm.deltas import make_deltas, write_deltas
-    from roma_vllm.tiny import build_tiny_model
+    from roma_vllm.testing.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("report")
     model = build_tiny_model(root / "olmoe", "OlmoeForCausalLM")
@@ -82,8 +82,8 @@ def _routing(model_dir: Path, deltas_path: Path | None, data: Path) -> np.ndarra
     import transformers
     from safetensors.torch import load_file
 
-    from tuner.data import load_examples
-    from tuner.encode import encode
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
 
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

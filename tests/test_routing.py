@@ -6,12 +6,12 @@ import pytest
 import torch
 from tuner_fixtures import tiny_dir  # noqa: F401
 
-from tuner.data import Example
-from tuner.encode import encode
-from tuner.forward import collate, forward
-from tuner.model import LayersError, load_model, parse_layers
-from tuner.objective import manifold_term
-from tuner.routing import RoutingCapture
+from tuner.data.prompts import encode
+from tuner.data.sources import Example
+from tuner.model.forward import collate, forward
+from tuner.model.load import LayersError, load_model, parse_layers
+from tuner.model.routing import RoutingCapture
+from tuner.roma.objective import manifold_term
 
 EXAMPLES = [
     Example("the cat is", ("red", "green"), 0, None, "a", "f:1"),

@@ -12,7 +12,7 @@ from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 from typer.testing import CliRunner
 
 from roma_vllm.deltas import read_deltas
-from tuner.cli import app
+from tuner.cli.app import app
 from tuner.config import TuneConfig
 
 runner = CliRunner()
@@ -133,16 +133,16 @@ def test_model_without_routers(tmp_path, data):
 
 
 def test_no_successful_sample(tiny_dir, data, tmp_path, monkeypatch):  # noqa: F811
-    import tuner.pipeline
+    import tuner.run.pipeline
 
-    real = tuner.pipeline.take_snapshot
+    real = tuner.run.pipeline.take_snapshot
 
     def nothing_right(*args, **kwargs):
         snap = real(*args, **kwargs)
         snap.correct[:] = False
         return snap
 
-    monkeypatch.setattr(tuner.pipeline, "take_snapshot", nothing_right)
+    monkeypatch.setattr(tuner.run.pipeline, "take_snapshot", nothing_right)
     args = ["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")]
     msg = _error(_run(*args, "--dtype", "float32"))
     assert msg.startswith(

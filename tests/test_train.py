@@ -12,9 +12,9 @@ from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 from roma_vllm.deltas import read_deltas
 from roma_vllm.hf import apply_deltas
 from tuner.config import TuneConfig
-from tuner.model import load_model
-from tuner.pipeline import run
-from tuner.train import warmup_factor
+from tuner.model.load import load_model
+from tuner.run.pipeline import run
+from tuner.train.loop import warmup_factor
 
 
 class Killed(Exception):

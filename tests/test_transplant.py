@@ -16,15 +16,15 @@ from bench.transplant import (
     transplant_accuracy,
     transplant_targets,
 )
-from tuner.data import load_examples
-from tuner.embed import embed_texts
-from tuner.encode import encode
-from tuner.forward import collate, forward
-from tuner.model import load_model
-from tuner.neighbours import brute_force, find_neighbours
-from tuner.routing import RoutingCapture
-from tuner.scoring import score
-from tuner.snapshot import take_snapshot
+from tuner.data.prompts import encode
+from tuner.data.sources import load_examples
+from tuner.model.choice_loss import score
+from tuner.model.forward import collate, forward
+from tuner.model.load import load_model
+from tuner.model.routing import RoutingCapture
+from tuner.roma.embed import embed_texts
+from tuner.roma.neighbours import brute_force, find_neighbours
+from tuner.roma.snapshot import take_snapshot
 
 
 def multi_token_rows(n: int) -> list[dict]:

@@ -28,7 +28,7 @@ def tiny_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     try:
         return request.getfixturevalue("tiny_model")("OlmoeForCausalLM")
     except pytest.FixtureLookupError:
-        from roma_vllm.tiny import build_tiny_model
+        from roma_vllm.testing.tiny import build_tiny_model
 
         return build_tiny_model(tmp_path_factory.mktemp("tiny") / "olmoe", "OlmoeForCausalLM")
 

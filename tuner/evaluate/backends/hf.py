@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from roma_vllm.deltas import RouterDeltas
-from tuner.encode import Encoded
-from tuner.eval_scores import SampleScore, choose, free_form
+from tuner.data.prompts import Encoded
+from tuner.evaluate.results import SampleScore, choose, free_form
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,7 +150,7 @@ def score_hf(
     """Score ``encoded`` with transformers; ``deltas`` (times ``scale``) added to the routers.
 
     The deltas must have been checked against the checkpoint already (see
-    :func:`tuner.evaluate.check_deltas`): the loaded model may hold the routers in another
+    :func:`tuner.evaluate.core.check_deltas`): the loaded model may hold the routers in another
     dtype than the checkpoint, which would spoil a fingerprint check here.
     ``model`` reuses an already loaded base model (its routers are changed in place when
     ``deltas`` are given). ``progress(n)`` is called after every batch of ``n`` samples.

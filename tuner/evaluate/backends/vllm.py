@@ -1,7 +1,7 @@
 """Evaluation through vLLM, the path users serve: the ``roma`` load format merges the deltas.
 
 Every request is a :class:`vllm.inputs.TokensPrompt` holding the exact ids of
-:class:`~tuner.encode.Encoded`, so vLLM and transformers see the same tokens. Scores are
+:class:`~tuner.data.prompts.Encoded`, so vLLM and transformers see the same tokens. Scores are
 exact log-probabilities, never read from a top-k list:
 
 * single-token choices: one request per sample, one greedy step with ``logprob_token_ids``
@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuner.encode import Encoded
-from tuner.eval_scores import SampleScore, choose, free_form, max_length
+from tuner.data.prompts import Encoded
+from tuner.evaluate.results import SampleScore, choose, free_form, max_length
 
 CHUNK = 256  # requests per generate() call, for progress updates
 

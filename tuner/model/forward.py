@@ -8,7 +8,7 @@
   dot product per option), for multi-token choices and free-form targets the full head at
   the continuation positions. ``[batch, seq, vocab]`` logits are never built.
 * Batches are bucketed by length so padding stays small.
-* With ``prefix`` (hidden states entering the lowest tuned layer, see :mod:`tuner.prefix`)
+* With ``prefix`` (hidden states entering the lowest tuned layer, see :mod:`tuner.model.frozen_cache`)
   the layers below it are skipped: they are swapped for pass-through modules and the cached
   states are fed to the lowest tuned layer, so layer indices, masks and rotary positions are
   those of the full model.
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tuner.encode import Encoded
-from tuner.model import TunerModel
-from tuner.routing import RoutingCapture
+from tuner.data.prompts import Encoded
+from tuner.model.load import TunerModel
+from tuner.model.routing import RoutingCapture
 
 
 @dataclass

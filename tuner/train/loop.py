@@ -6,7 +6,7 @@ rate and lambda over the first ``warmup`` fraction of steps, then constant), bat
 (seeded per epoch, so a resumed run sees the same batches), the refresh of the neighbours'
 targets and the checkpoints.
 
-Under torchrun (:mod:`tuner.distributed`) every rank walks the same batch order, runs
+Under torchrun (:mod:`tuner.train.distributed`) every rank walks the same batch order, runs
 ``train_step`` on its shard of each global batch with the loss scaled by
 ``local / global`` samples, and the router gradients are summed across ranks between
 ``train_step`` and the optimiser step: the same update as one process with the same global
@@ -26,16 +26,16 @@ import torch
 
 from roma_vllm.deltas import atomic_write
 from tuner.config import TuneConfig
-from tuner.distributed import SINGLE, Dist, broadcast, shard, sync_gradients
-from tuner.encode import Encoded
-from tuner.forward import Batch, bucket_batches, collate, forward
-from tuner.model import TunerModel
-from tuner.neighbours import Neighbours
-from tuner.objective import LossTerms, roma_loss
-from tuner.prefix import PrefixCache
-from tuner.routing import RoutingCapture
-from tuner.scoring import Scored, score
-from tuner.snapshot import Snapshot
+from tuner.data.prompts import Encoded
+from tuner.model.choice_loss import Scored, score
+from tuner.model.forward import Batch, bucket_batches, collate, forward
+from tuner.model.frozen_cache import PrefixCache
+from tuner.model.load import TunerModel
+from tuner.model.routing import RoutingCapture
+from tuner.roma.neighbours import Neighbours
+from tuner.roma.objective import LossTerms, roma_loss
+from tuner.roma.snapshot import Snapshot
+from tuner.train.distributed import SINGLE, Dist, broadcast, shard, sync_gradients
 
 CHECKPOINT_PREFIX = "epoch-"
 
@@ -142,7 +142,7 @@ def train(
     checkpoint in ``checkpoint_dir`` is loaded and training continues after it (a completed
     run is returned as is). With ``dist`` (torchrun) every rank calls this with the same
     arguments; ``take_snapshot``, ``neighbours_for`` and ``validate`` must then be
-    collective (the same result on every rank), see :mod:`tuner.distributed`.
+    collective (the same result on every rank), see :mod:`tuner.train.distributed`.
     """
     torch.manual_seed(cfg.seed)
     log = log or (lambda event: None)

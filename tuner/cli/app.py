@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from roma_vllm import __version__
-from tuner.run_cmd import run_command
+from tuner.cli.run import run_command
 
 app = typer.Typer(
     help="Train MoE routers with routing manifold alignment (RoMA).", no_args_is_help=True
@@ -99,8 +99,8 @@ def eval_command(
     ),
 ) -> None:
     """Accuracy of the base and the tuned model, overall and per task (vLLM by default)."""
-    from tuner.evaluate import EvalOptions, main
-    from tuner.user_errors import exit_on_user_error
+    from tuner.cli.errors import exit_on_user_error
+    from tuner.evaluate.core import EvalOptions, main
 
     with exit_on_user_error():
         opts = EvalOptions(
@@ -126,8 +126,8 @@ def merge_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
     """Write a full checkpoint with the tuned routers, for engines without the plugin."""
-    from tuner.merge import main
-    from tuner.user_errors import exit_on_user_error
+    from tuner.cli.errors import exit_on_user_error
+    from tuner.export.merge import main
 
     with exit_on_user_error():
         main(model, deltas, out, scale, allow_mismatch, overwrite)
@@ -177,8 +177,8 @@ def report_command(
     ),
 ) -> None:
     """Routing diagnostics: neighbour agreement, expert purity, usage heatmaps, PCA plot."""
-    from tuner.report import ReportOptions, main
-    from tuner.user_errors import exit_on_user_error
+    from tuner.cli.errors import exit_on_user_error
+    from tuner.diagnose.report import ReportOptions, main
 
     with exit_on_user_error():
         opts = ReportOptions(

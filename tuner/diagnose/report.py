@@ -12,7 +12,7 @@ measure it, for the base routers and (with ``--deltas``) the tuned ones:
   expert (at the last prompt token) is the task's most common top-1 expert; averaged over
   tasks per layer and over everything.
 
-Routing vectors are the tuner's own (:mod:`tuner.snapshot`): softmax over experts of the
+Routing vectors are the tuner's own (:mod:`tuner.roma.snapshot`): softmax over experts of the
 router logits at the last prompt token, concatenated over the analysed layers (by default
 the layers the deltas tune, else the tuner's default layers). Plots: per-task expert usage
 per layer (base and tuned side by side) and a 2-D PCA projection of the routing vectors
@@ -151,12 +151,12 @@ def _no_progress(description: str, total: int) -> Callable[[int], None]:
 def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_progress) -> dict:
     """Data, embeddings and routing vectors (base, and tuned with deltas) for a report."""
     from roma_vllm.hf import apply_deltas
-    from tuner.data import load_examples
-    from tuner.embed import embed_texts
-    from tuner.encode import encode
-    from tuner.evaluate import checkpoint_dtype, resolve_inputs
-    from tuner.model import load_model
-    from tuner.snapshot import take_snapshot
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
+    from tuner.evaluate.core import checkpoint_dtype, resolve_inputs
+    from tuner.model.load import load_model
+    from tuner.roma.embed import embed_texts
+    from tuner.roma.snapshot import take_snapshot
 
     inputs = resolve_inputs(opts)
     checkpoint, deltas = inputs.checkpoint, inputs.deltas
@@ -198,7 +198,7 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
 def build_report(opts: ReportOptions, progress: Callable[..., Any] = _no_progress) -> dict:
     """Compute the numbers, write ``report.json`` and the plots into ``opts.out``."""
     from roma_vllm.deltas import atomic_write
-    from tuner.plots import routing_projection, usage_heatmaps
+    from tuner.diagnose.plots import routing_projection, usage_heatmaps
 
     got = routing_vectors(opts, progress)
     out = Path(opts.out)

@@ -1,8 +1,8 @@
 """`roma-tune eval`: accuracy of the base and the tuned model, side by side, per task.
 
 The default backend is vLLM with the roma plugin, the path users serve
-(:mod:`tuner.vllm_backend`); ``--backend hf`` uses transformers with the deltas added in
-memory (:mod:`tuner.hf_backend`). Both score identical token ids (:func:`tuner.encode.encode`)
+(:mod:`tuner.evaluate.backends.vllm`); ``--backend hf`` uses transformers with the deltas added in
+memory (:mod:`tuner.evaluate.backends.hf`). Both score identical token ids (:func:`tuner.data.prompts.encode`)
 and report, per sample, the prediction and its margin; ``--check-against`` compares a run
 with an earlier one (typically the other backend) and reports disagreements, which are
 acceptable only as near-ties (margin below ``--tolerance``).
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from roma_vllm import __version__
-from tuner.eval_scores import SampleScore, kind
+from tuner.evaluate.results import SampleScore, kind
 
 if TYPE_CHECKING:
     from roma_vllm.deltas import RouterDeltas
@@ -139,8 +139,8 @@ def resolve_inputs(opts: InputOptions) -> Inputs:
     """
     from roma_vllm.checkpoint import resolve_checkpoint
     from roma_vllm.deltas import read_deltas
-    from tuner.merge import check_against_checkpoint
-    from tuner.run_cmd import read_template
+    from tuner.cli.run import read_template
+    from tuner.export.merge import check_against_checkpoint
 
     checkpoint = resolve_checkpoint(opts.model)
     deltas = None
@@ -240,7 +240,7 @@ def _score(
     """Scores of the base model and, with deltas, the tuned one."""
     scores: dict[str, list[SampleScore]] = {}
     if opts.backend == "vllm":
-        from tuner.vllm_backend import num_requests, score_vllm
+        from tuner.evaluate.backends.vllm import num_requests, score_vllm
 
         total = num_requests(encoded)
         for variant in VARIANTS if deltas is not None else VARIANTS[:1]:
@@ -255,8 +255,8 @@ def _score(
                 progress=progress(f"{variant}: vLLM", total, 0),
             )
         return scores
-    from tuner.hf_backend import load_hf_model, score_hf
-    from tuner.model import pick_device
+    from tuner.evaluate.backends.hf import load_hf_model, score_hf
+    from tuner.model.load import pick_device
 
     device = pick_device(opts.device)
     model = load_hf_model(checkpoint, dtype, device.type)
@@ -290,8 +290,8 @@ def evaluate(
     """
     from transformers import AutoTokenizer
 
-    from tuner.data import load_examples
-    from tuner.encode import encode
+    from tuner.data.prompts import encode
+    from tuner.data.sources import load_examples
 
     inputs = resolve_inputs(opts)
     checkpoint, deltas = inputs.checkpoint, inputs.deltas
@@ -435,7 +435,7 @@ def main(
         write_json(json_out, report)
         console.print(f"wrote {json_out}")
     if plot:
-        from tuner.plots import accuracy_bars
+        from tuner.diagnose.plots import accuracy_bars
 
         accuracy_bars(report, plot)
         console.print(f"wrote {plot}")

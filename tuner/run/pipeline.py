@@ -7,7 +7,7 @@ and reused when that file exists: re-running an unchanged command redoes nothing
 ``RUN_DIR/checkpoints/<hash>``; a finished training is reused, an interrupted one is
 continued with ``--resume``. Every file is written atomically.
 
-Under torchrun every rank runs the pipeline (:mod:`tuner.distributed`): rank 0 computes
+Under torchrun every rank runs the pipeline (:mod:`tuner.train.distributed`): rank 0 computes
 embeddings and neighbours and shares them, the snapshot and validation passes are split
 over the ranks, training is data parallel, and only rank 0 writes files, logs and shows
 progress.
@@ -31,8 +31,17 @@ from safetensors.torch import load_file, save_file
 from roma_vllm import __version__
 from roma_vllm.deltas import DELTAS_FILENAME, atomic_write
 from tuner.config import ConfigError, TuneConfig
-from tuner.data import Dataset, load_examples
-from tuner.distributed import (
+from tuner.data.prompts import Encoded, encode
+from tuner.data.sources import Dataset, load_examples
+from tuner.export.deltas import CONFIG_FILENAME, LOG_FILENAME, export_deltas, write_json, write_log
+from tuner.model.forward import sorted_batches
+from tuner.model.frozen_cache import PrefixCache
+from tuner.model.load import TunerModel, describe, load_model
+from tuner.progress import Bars
+from tuner.roma.embed import embed_texts
+from tuner.roma.neighbours import Neighbours, find_neighbours
+from tuner.roma.snapshot import Snapshot, take_snapshot
+from tuner.train.distributed import (
     SINGLE,
     barrier,
     broadcast,
@@ -41,16 +50,7 @@ from tuner.distributed import (
     reduce_disjoint,
     shutdown,
 )
-from tuner.embed import embed_texts
-from tuner.encode import Encoded, encode
-from tuner.export import CONFIG_FILENAME, LOG_FILENAME, export_deltas, write_json, write_log
-from tuner.forward import sorted_batches
-from tuner.model import TunerModel, describe, load_model
-from tuner.neighbours import Neighbours, find_neighbours
-from tuner.prefix import PrefixCache
-from tuner.progress import Bars
-from tuner.snapshot import Snapshot, take_snapshot
-from tuner.train import EpochRecord, latest_checkpoint, train
+from tuner.train.loop import EpochRecord, latest_checkpoint, train
 
 
 class NoSuccessError(RuntimeError):
@@ -202,7 +202,7 @@ class Pipeline:
         self.log({"event": "start", "config": cfg.to_dict(), "model": info})
 
     def model_info(self) -> dict[str, Any]:
-        """:func:`tuner.model.describe` plus the number of data-parallel processes."""
+        """:func:`tuner.model.load.describe` plus the number of data-parallel processes."""
         return {**describe(self.tm), "world_size": self.dist.world_size}
 
     def _data_info(self) -> dict[str, Any]:

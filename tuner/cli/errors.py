@@ -13,9 +13,9 @@ from roma_vllm.deltas import DeltaError
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (each is one line)."""
-    from tuner.data import DataError
-    from tuner.encode import EncodeError
-    from tuner.vllm_backend import EngineStartError
+    from tuner.data.prompts import EncodeError
+    from tuner.data.sources import DataError
+    from tuner.evaluate.backends.vllm import EngineStartError
 
     return (
         DeltaError,

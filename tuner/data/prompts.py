@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tuner.data import LETTERS, Example
+from tuner.data.sources import LETTERS, Example
 
 Scoring = Literal["letter", "loglik"]
 SCORINGS: tuple[str, ...] = ("letter", "loglik")
@@ -39,7 +39,7 @@ class EncodeError(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one example, ready for :mod:`tuner.forward`."""
+    """Token ids of one example, ready for :mod:`tuner.model.forward`."""
 
     prompt_ids: list[int]  # rendered + tokenised prompt; its last token is "the last prompt token"
     option_ids: list[int] | None  # single-token mode: one token per choice, at the last position

@@ -1,7 +1,7 @@
 """What an evaluation backend returns per sample, and how a prediction is read from scores.
 
-Both backends (:mod:`tuner.vllm_backend`, :mod:`tuner.hf_backend`) score the same
-:class:`~tuner.encode.Encoded` token ids and return one :class:`SampleScore` each:
+Both backends (:mod:`tuner.evaluate.backends.vllm`, :mod:`tuner.evaluate.backends.hf`) score the same
+:class:`~tuner.data.prompts.Encoded` token ids and return one :class:`SampleScore` each:
 
 * multiple choice: ``scores`` holds one log-likelihood per choice (the log-probability of the
   option token at the last prompt position, or the summed log-probabilities of a
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tuner.encode import Encoded
+from tuner.data.prompts import Encoded
 
 
 @dataclass

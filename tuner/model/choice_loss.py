@@ -1,4 +1,4 @@
-"""Task loss, predictions and correctness per sample, from :class:`tuner.forward.Outputs`.
+"""Task loss, predictions and correctness per sample, from :class:`tuner.model.forward.Outputs`.
 
 * Multiple choice (letter or loglik): cross-entropy over the choice scores (letter/option
   logits, or summed continuation log-likelihoods); the prediction is the best-scoring
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuner.forward import Batch, Outputs
+from tuner.model.forward import Batch, Outputs
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from roma_vllm.deltas import DELTAS_FILENAME, RouterDeltas, atomic_write, make_deltas, write_deltas
-from tuner.model import TunerModel
+from tuner.model.load import TunerModel
 
 CONFIG_FILENAME = "config.json"
 LOG_FILENAME = "train_log.jsonl"

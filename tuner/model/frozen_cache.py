@@ -5,7 +5,7 @@ a sample is the same every epoch. The cache stores, for every row of every sampl
 hidden states of its real tokens (``[length, hidden]``, in the frozen dtype) in one flat
 binary file that is memory-mapped when read, plus a small JSON index written last (its
 presence marks a complete cache). Batches are then assembled from the file and fed to the
-lowest tuned layer (:func:`tuner.forward.start_at_layer`).
+lowest tuned layer (:func:`tuner.model.forward.start_at_layer`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from roma_vllm.deltas import atomic_write
-from tuner.encode import Encoded
-from tuner.forward import Batch, collate, sorted_batches
-from tuner.model import TunerModel
+from tuner.data.prompts import Encoded
+from tuner.model.forward import Batch, collate, sorted_batches
+from tuner.model.load import TunerModel
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

@@ -1,4 +1,4 @@
-"""`roma-tune run`: the command-line face of :mod:`tuner.pipeline`.
+"""`roma-tune run`: the command-line face of :mod:`tuner.run.pipeline`.
 
 Options mirror :class:`tuner.config.TuneConfig` one to one and take their help text from it.
 Heavy imports (torch, transformers) happen only when the command runs.
@@ -86,9 +86,9 @@ def _run(cfg: object, progress: bool) -> None:
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from tuner.distributed import is_main_process
-    from tuner.pipeline import run
     from tuner.progress import Bars
+    from tuner.run.pipeline import run
+    from tuner.train.distributed import is_main_process
 
     hf_logging.disable_progress_bar()  # our own bars cover loading; keep stderr readable
     console = Console(stderr=True)
@@ -129,7 +129,7 @@ class _user_errors:
         if exc is None:
             return False
         from roma_vllm.architectures import UnsupportedModelError
-        from tuner.pipeline import NoSuccessError
+        from tuner.run.pipeline import NoSuccessError
 
         if isinstance(exc, (ValueError, FileNotFoundError, UnsupportedModelError, NoSuccessError)):
             typer.secho(f"Error: {exc}", fg="red", err=True)

@@ -2,7 +2,7 @@
 
     L(i) = CE(f(x_i), y_i) + lambda * sum_{j in N(i)} W_ij * || r_i - r_j ||^2
 
-``r_i`` comes from the current routers with gradient (:mod:`tuner.routing`); ``r_j`` are
+``r_i`` comes from the current routers with gradient (:mod:`tuner.model.routing`); ``r_j`` are
 targets without gradient. The batch loss is the mean of L(i) over the batch.
 """
 

@@ -13,7 +13,7 @@ no tensor there requires grad, so autograd records nothing until the first tuned
 With ``device_map`` (``--device-map auto``) transformers/accelerate place the frozen layers
 over every visible device; each tuned router's master weight is created on the device that
 holds its layer and trains there. Batches go to the input-embedding device
-(:attr:`TunerModel.device`) and :func:`tuner.forward.forward` gathers its outputs back there,
+(:attr:`TunerModel.device`) and :func:`tuner.model.forward.forward` gathers its outputs back there,
 so the loss lives on one device.
 """
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tuner.encode import Encoded
-from tuner.forward import collate, forward, sorted_batches
-from tuner.model import TunerModel
-from tuner.prefix import PrefixCache
-from tuner.routing import RoutingCapture
-from tuner.scoring import score
+from tuner.data.prompts import Encoded
+from tuner.model.choice_loss import score
+from tuner.model.forward import collate, forward, sorted_batches
+from tuner.model.frozen_cache import PrefixCache
+from tuner.model.load import TunerModel
+from tuner.model.routing import RoutingCapture
 
 
 @dataclass
@@ -54,7 +54,7 @@ def take_snapshot(
     routing_vector: str = "probs",
 ) -> Snapshot:
     """Correctness, predictions, losses and routing vectors of every sample
-    (``routing_vector``: see :class:`tuner.routing.RoutingCapture`)."""
+    (``routing_vector``: see :class:`tuner.model.routing.RoutingCapture`)."""
     n = len(encoded)
     dim = len(tm.layers) * tm.num_experts
     snap = Snapshot(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tuner.model import TunerModel
+from tuner.model.load import TunerModel
 
 
 class RoutingCapture:

@@ -1,0 +1,1 @@
+"""Scoring backends: each turns encoded rows into per-sample results (``..results``)."""

@@ -1,0 +1,4 @@
+"""Training: the loop over epochs, checkpoints, data-parallel helpers.
+
+May import ``tuner.roma``, ``tuner.model``, ``tuner.data``.
+"""
