@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 
 from tuner.cli.app import app
 from tuner.data.prompts import Encoded
-from tuner.evaluate.core import EvalOptions, compare, evaluate
+from tuner.evaluate.core import evaluate
+from tuner.evaluate.options import EvalOptions
 from tuner.evaluate.results import choose, free_form
+from tuner.evaluate.summary import compare
 
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "fish", "apple", "pear", "sun", "moon"]
 
@@ -142,15 +144,16 @@ def test_compare_separates_near_ties_from_disagreements() -> None:
 
 def test_hf_scores_equal_full_forward(setup: dict[str, Path]) -> None:
     """Batched, padded, head-at-scored-positions scores equal a plain full forward per row."""
-    from tuner.evaluate.backends.hf import load_hf_model, score_hf
+    from tuner.evaluate.backends.hf import load_eval_model, score_hf
 
-    model = load_hf_model(setup["model"], "float32")
+    tm = load_eval_model(setup["model"], "float32")
+    model = tm.model
     encoded = [
         Encoded([1, 40, 41, 42, 43, 44], [60, 61, 62], None, None, 2),
         Encoded([1, 50, 51], None, [[70, 71], [72], [73, 74, 75]], None, 0),
         Encoded([1, 52, 53, 54], None, None, [80, 81, 82], None),
     ]
-    got = score_hf(setup["model"], encoded, dtype="float32", batch_rows=16, model=model)
+    got = score_hf(setup["model"], encoded, dtype="float32", batch_rows=16, model=tm)
 
     def logprobs(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -170,10 +173,10 @@ def test_hf_scores_equal_full_forward(setup: dict[str, Path]) -> None:
         setup["model"],
         [Encoded([1, 52, 53, 54], None, None, target, None)],
         dtype="float32",
-        model=model,
+        model=tm,
     )
     assert own[0].correct and own[0].generated == target
-    one_by_one = score_hf(setup["model"], encoded, dtype="float32", batch_rows=1, model=model)
+    one_by_one = score_hf(setup["model"], encoded, dtype="float32", batch_rows=1, model=tm)
     for a, b in zip(got, one_by_one, strict=True):
         assert a.prediction == b.prediction
         assert a.scores == pytest.approx(b.scores, abs=1e-5) if a.scores else a.correct == b.correct
@@ -226,7 +229,7 @@ def test_inputs_fill_unset_prompt_settings_from_the_training_config(
     setup: dict[str, Path],
 ) -> None:
     from roma_vllm.deltas import read_deltas, write_deltas
-    from tuner.evaluate.core import resolve_inputs
+    from tuner.evaluate.inputs import resolve_inputs
 
     d = read_deltas(setup["deltas"])
     d.training = {

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 SCORING_CHOICES = ("letter", "loglik")
@@ -212,3 +213,13 @@ class TuneConfig:
 
 HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(TuneConfig)}
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(TuneConfig)}
+
+
+def read_template(value: str | None) -> str | None:
+    """``--template``: a file's text when the value names an existing file, else the value."""
+    if value is None:
+        return None
+    p = Path(value)
+    if len(value) < 4096 and "\n" not in value and p.is_file():
+        return p.read_text(encoding="utf-8")
+    return value

@@ -6,25 +6,13 @@ Heavy imports (torch, transformers) happen only when the command runs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from tuner.config import DEFAULTS, HELP
+from tuner.config import DEFAULTS, HELP, read_template
 
 
 def _opt(name: str, *flags: str, **kw: object) -> object:
     return typer.Option(DEFAULTS[name], *flags, help=HELP[name], **kw)  # type: ignore[arg-type]
-
-
-def read_template(value: str | None) -> str | None:
-    """``--template``: a file's text when the value names an existing file, else the value."""
-    if value is None:
-        return None
-    p = Path(value)
-    if len(value) < 4096 and "\n" not in value and p.is_file():
-        return p.read_text(encoding="utf-8")
-    return value
 
 
 def run_command(

@@ -58,6 +58,8 @@ class ReportOptions:
     limit: int | None = None
     skip_bad_rows: bool = False
     allow_mismatch: bool = False
+    trust_remote_code: bool = False
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -153,7 +155,8 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
     from roma_vllm.hf import apply_deltas
     from tuner.data.prompts import encode
     from tuner.data.sources import load_examples
-    from tuner.evaluate.core import checkpoint_dtype, resolve_inputs
+    from tuner.evaluate.inputs import resolve_inputs
+    from tuner.model.dtypes import checkpoint_dtype
     from tuner.model.load import load_model
     from tuner.roma.embed import embed_texts
     from tuner.roma.snapshot import take_snapshot
@@ -170,7 +173,9 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
         raise ValueError(f"--k: needs more than k={opts.k} samples, {opts.data} has {len(data)}")
     texts = [e.prompt for e in data.examples]
     embeddings = embed_texts(texts, opts.embedder, progress=progress("embeddings", len(texts)))
-    tm = load_model(str(checkpoint), layers, dtype, opts.device)
+    tm = load_model(
+        str(checkpoint), layers, dtype, opts.device, opts.trust_remote_code, opts.device_map
+    )
     encoded = encode(data.examples, tm.tokenizer, inputs.scoring, inputs.template, inputs.chat)
     snaps = {
         "base": take_snapshot(

@@ -174,6 +174,25 @@ def sorted_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def row_batches(encoded: Sequence[Encoded], max_rows: int) -> list[list[int]]:
+    """Length-sorted sample groups of at most ``max_rows`` padded rows (a sample with more
+    choices than that forms a group of its own)."""
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].max_len, i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i in order:
+        n = len(_rows_of(encoded[i]))
+        if current and rows + n > max_rows:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    if current:
+        batches.append(current)
+    return batches
+
+
 def bucket_batches(
     encoded: Sequence[Encoded], batch_size: int, generator: torch.Generator, pool: int = 16
 ) -> list[list[int]]:
@@ -248,16 +267,33 @@ def decoder_hidden(
         return tm.decoder(**kwargs).last_hidden_state
 
 
-def head_scores(tm: TunerModel, hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """(choice_scores, token_logprobs, token_hit) from final hidden states.
+@dataclass
+class HeadScores:
+    """What the LM head yields at a batch's scored positions (on the head's device)."""
 
-    Computed on the device of ``hidden`` (the LM head's, with a device map).
+    choice_scores: torch.Tensor  # [S, cmax] float32, -inf where a sample has no such choice
+    token_logprobs: torch.Tensor  # [P] log-prob of each full-vocab target token
+    token_hit: torch.Tensor  # [P] bool, the target is the argmax
+    token_top2: torch.return_types.topk  # [P, <=2] best two log-probs and their token ids
+    option_logz: torch.Tensor | None = None  # [S] log-normaliser at the last prompt token
+
+
+def head_scores(
+    tm: TunerModel, hidden: torch.Tensor, batch: Batch, normalise: bool = False
+) -> HeadScores:
+    """Scores at the scored positions from final hidden states.
+
+    Single-token options get their raw logits (the softmax normaliser is the same for every
+    option of a sample, so choices and margins do not need it); ``normalise`` also computes
+    that normaliser, to report log-probabilities. Computed on the device of ``hidden`` (the
+    LM head's, with a device map).
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     dev = flat.device
     head = tm.lm_head
     bias = getattr(head, "bias", None)
     scores = torch.full((batch.size * batch.cmax,), float("-inf"), device=dev, dtype=torch.float32)
+    logz = None
     if batch.opt_flat.numel():
         opt_token = batch.opt_token.to(head.weight.device)
         h = flat.index_select(0, batch.opt_flat.to(dev)).float()
@@ -266,21 +302,26 @@ def head_scores(tm: TunerModel, hidden: torch.Tensor, batch: Batch) -> tuple[tor
         if bias is not None:
             logit = logit + bias.index_select(0, opt_token).to(dev).float()
         scores = scores.index_put((batch.opt_slot.to(dev),), logit)
+    if normalise:
+        last = flat.index_select(0, batch.last.to(dev))
+        logz = torch.logsumexp(head(last).float().to(dev), dim=-1)
     token_logprobs = torch.zeros(0, device=dev)
     token_hit = torch.zeros(0, dtype=torch.bool, device=dev)
+    top2 = torch.zeros((0, 2), device=dev).topk(2, dim=-1)
     if batch.tok_flat.numel():
         tok_target, tok_slot = batch.tok_target.to(dev), batch.tok_slot.to(dev)
         logits = head(flat.index_select(0, batch.tok_flat.to(dev))).float().to(dev)
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(1, tok_target[:, None])[:, 0]
         token_hit = logits.argmax(-1) == tok_target
+        top2 = logprobs.topk(min(2, logprobs.shape[-1]), dim=-1)
         mc = tok_slot >= 0
         if mc.any():
             sums = torch.zeros_like(scores).index_add(0, tok_slot[mc], token_logprobs[mc])
             has = torch.zeros_like(scores, dtype=torch.bool)
             has[tok_slot[mc]] = True
             scores = torch.where(has, sums, scores)
-    return scores.view(batch.size, batch.cmax), token_logprobs, token_hit
+    return HeadScores(scores.view(batch.size, batch.cmax), token_logprobs, token_hit, top2, logz)
 
 
 def forward(
@@ -297,6 +338,11 @@ def forward(
     """
     capture.positions = batch.last
     hidden = decoder_hidden(tm, batch, prefix)
-    scores, logprobs, hits = head_scores(tm, hidden, batch)
+    head = head_scores(tm, hidden, batch)
     dev = batch.last.device
-    return Outputs(scores.to(dev), logprobs.to(dev), hits.to(dev), capture.vectors(dev))
+    return Outputs(
+        head.choice_scores.to(dev),
+        head.token_logprobs.to(dev),
+        head.token_hit.to(dev),
+        capture.vectors(dev),
+    )

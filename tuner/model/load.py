@@ -42,9 +42,9 @@ from roma_vllm.checkpoint import (
 )
 from roma_vllm.deltas import fingerprint
 from roma_vllm.hf import hf_parameter
+from tuner.model.dtypes import DTYPES, resolve_dtype
 
 DEFAULT_LAST_LAYERS = 5
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class DeviceMapError(ValueError):
@@ -159,16 +159,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` -> ``bfloat16`` on CUDA, ``float32`` elsewhere (CPU bf16 matmuls are ~10x
-    slower than float32 on CPUs without native bf16); explicit names are kept."""
-    if dtype == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype: must be auto, {' or '.join(DTYPES)}, got {dtype!r}")
-    return dtype
-
-
 def _placement(hf: Any) -> dict[str, str]:
     """Module -> device as accelerate dispatched it; ``{"": device}`` when one device holds
     everything (transformers then sets no ``hf_device_map``)."""
@@ -191,8 +181,13 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     device_map: str | None = None,
+    train_routers: bool = True,
 ) -> TunerModel:
     """Load ``model`` frozen, with float32 trainable routers on the ``layers`` to tune.
+
+    ``train_routers=False`` loads the plain frozen model in ``dtype`` (any of
+    :data:`~tuner.model.dtypes.DTYPES`; routers stay in it too, as a serving engine holds
+    them): ``tuned`` is then empty. Evaluation and diagnostics load models this way.
 
     ``dtype`` ``auto`` resolves to bfloat16 on CUDA and float32 on CPU (see
     :func:`resolve_dtype`; the result is ``TunerModel.dtype``). ``device_map`` (``auto``,
@@ -214,7 +209,7 @@ def load_model(
     tuned_names = [n for n, layer in routers.items() if layer in tuned_layers]
 
     dev = pick_device("auto" if device_map else device)
-    dtype = resolve_dtype(dtype, dev)
+    dtype = resolve_dtype(dtype, dev) if train_routers else dtype
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
@@ -239,12 +234,16 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    base = checkpoint_tensors(ckpt, tuned_names)
+    base = checkpoint_tensors(ckpt, tuned_names) if train_routers else {}
     names = {id(p): n for n, p in hf.named_parameters()}
     tuned: dict[str, torch.nn.Parameter] = {}
     modules: dict[int, torch.nn.Module] = {}
     for name in tuned_names:
         param = hf_parameter(hf, name)
+        module_name = names[id(param)].rsplit(".", 1)[0]
+        modules[routers[name]] = hf.get_submodule(module_name)
+        if not train_routers:
+            continue
         if param.device.type == "meta":
             raise DeviceMapError(
                 f"--device-map {device_map}: {name} was offloaded (the model does not fit in "
@@ -256,8 +255,6 @@ def load_model(
             param.data = base[name].to(param.device, torch.float32).clone()
         param.requires_grad_(True)
         tuned[name] = param
-        module_name = names[id(param)].rsplit(".", 1)[0]
-        modules[routers[name]] = hf.get_submodule(module_name)
     tm = TunerModel(
         model=hf,
         tokenizer=tokenizer,
@@ -269,12 +266,12 @@ def load_model(
         tuned=tuned,
         router_modules=dict(sorted(modules.items())),
         base=base,
-        num_experts=int(num_experts(config) or next(iter(base.values())).shape[0]),
+        num_experts=int(num_experts(config) or checkpoint_shapes(ckpt)[tuned_names[0]][0]),
         fingerprint=checkpoint_fingerprint(ckpt, list(routers)),
         dtype=dtype,
         device_map=_placement(hf) if device_map else None,
     )
-    if DTYPES[dtype] != torch.float32:
+    if DTYPES[dtype] != torch.float32 and train_routers:
         for module in tm.router_modules.values():
             tm._hooks.append(module.register_forward_pre_hook(_to_fp32_input))
     return tm
