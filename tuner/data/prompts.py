@@ -12,7 +12,9 @@ Scorings for multiple choice (``--scoring``):
   every choice is a single token, the sample is scored like letters: one forward pass.
 
 Free-form rows are scored on their completion tokens (tokenised apart from the prompt).
-In every case the routing vector is read at the last token of ``prompt_ids``.
+In every case the routing vector is read at the last token of ``prompt_ids``: the prompt's
+own last token. A BOS the tokenizer prepends is kept (the model expects it); an EOS or SEP
+it appends is dropped (see :func:`prompt_token_ids`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,30 @@ def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def prompt_token_ids(tokenizer: Any, text: str, special: bool = True) -> list[int]:
+    """``text``'s ids, with the special tokens the tokenizer puts before it (BOS) but none
+    that it appends (EOS, SEP): the last id is always the text's own last token, the one
+    that is scored and whose routing is read.
+    """
+    ids = _ids(tokenizer, text, special)
+    if not special:
+        return ids
+    plain = _ids(tokenizer, text, False)
+    if not plain:
+        return []
+    n = len(plain)
+    for start in range(len(ids) - n, -1, -1):  # the last match keeps every prepended token
+        if ids[start : start + n] == plain:
+            return ids[: start + n]
+    # the special tokens changed how the text itself is split: drop appended specials only
+    specials = set(getattr(tokenizer, "all_special_ids", []))
+    extra = len(ids) - n
+    while extra > 0 and ids and ids[-1] in specials:
+        ids.pop()
+        extra -= 1
+    return ids
+
+
 def letter_tokens(
     tokenizer: Any, n: int, chat_template: bool = False
 ) -> tuple[list[int], list[int]]:
@@ -152,7 +178,7 @@ def encode(
     out: list[Encoded] = []
     for ex in examples:
         text = render_prompt(ex, scoring, template, tokenizer, chat_template)
-        prompt_ids = _ids(tokenizer, text, special)
+        prompt_ids = prompt_token_ids(tokenizer, text, special)
         if not prompt_ids:
             raise EncodeError(f"{ex.source}: the prompt encodes to no tokens")
         if not ex.is_choice:
