@@ -13,7 +13,7 @@ neighbour targets, AdamW, warm-up, clipping and global batch size:
 * ``ours``: the real training loop (:func:`tuner.train.loop.train`, the code `roma-tune run`
   runs): length-bucketed batches, autograd only above the lowest tuned router, head rows
   only at the scored positions.
-* ``ours_cached``: the same with ``--cache-prefix`` (hidden states entering the lowest tuned
+* ``ours_cached``: the same with ``--cache-frozen-layers`` (hidden states entering the lowest tuned
   layer computed once and read from disk every epoch); the one-time build is timed apart.
 
 Before timing, one batch is scored both ways and the losses and router gradients must
@@ -133,7 +133,7 @@ def build(work: Path, s: Setup) -> tuple[Path, Path]:
     return model, data
 
 
-def _tune_config(s: Setup, model: Path, data: Path, cache_prefix: bool = False) -> Any:
+def _tune_config(s: Setup, model: Path, data: Path, cache_frozen_layers: bool = False) -> Any:
     from tuner.config import TuneConfig
 
     return TuneConfig(
@@ -146,7 +146,7 @@ def _tune_config(s: Setup, model: Path, data: Path, cache_prefix: bool = False) 
         epochs=s.epochs,
         batch_size=s.batch_size,
         refresh="never",  # the snapshot pass is the same for both; time training only
-        cache_prefix=cache_prefix,
+        cache_frozen_layers=cache_frozen_layers,
         seed=s.seed,
     )
 
@@ -497,7 +497,7 @@ def readme_section(res: dict[str, Any]) -> str:
 
 What is compared: the training step of `roma-tune run` (`tuner.train.loop.train`: length-bucketed
 batches, autograd only above the lowest tuned router, head rows only at the scored
-positions), the same with `--cache-prefix`, and a naive implementation of the same RoMA
+positions), the same with `--cache-frozen-layers`, and a naive implementation of the same RoMA
 objective written in `bench/tuner_speed.py` (input embeddings requiring grad so autograd
 spans every layer, full `[batch, seq, vocab]` logits, random batches padded to the
 dataset's longest prompt). Same model, data, neighbour targets, AdamW, warm-up, clipping and
@@ -526,9 +526,9 @@ memory is that peak minus the resident size when training started.
 | ratio | wall clock | CPU time | target |
 |---|---|---|---|
 | ours / naive speed | **{r["speed_ours_over_naive"]:.2f}x** | {r["cpu_speed_ours_over_naive"]:.2f}x | >= 2x |
-| ours `--cache-prefix` / naive speed | **{r["speed_cached_over_naive"]:.2f}x** | {r["cpu_speed_cached_over_naive"]:.2f}x | >= 3x |
+| ours `--cache-frozen-layers` / naive speed | **{r["speed_cached_over_naive"]:.2f}x** | {r["cpu_speed_cached_over_naive"]:.2f}x | >= 3x |
 | ours / naive working memory | **{r["working_memory_ours_over_naive"]:.2f}x** | | <= 0.5x |
-| ours `--cache-prefix` / naive working memory | {r["working_memory_cached_over_naive"]:.2f}x | | <= 0.5x |
+| ours `--cache-frozen-layers` / naive working memory | {r["working_memory_cached_over_naive"]:.2f}x | | <= 0.5x |
 | ours / naive whole-process peak RSS | {r["peak_rss_ours_over_naive"]:.2f}x | | |
 
 * Speed ratios per repetition (ours / cached, wall clock): {reps}.

@@ -44,7 +44,7 @@ def cfg(tiny_dir, tmp_path_factory):  # noqa: F811
         epochs=2,
         batch_size=BATCH,
         warmup=0.2,
-        cache_prefix=True,  # rank 0 builds it, rank 1 reads it
+        cache_frozen_layers=True,  # rank 0 builds it, rank 1 reads it
         seed=1,
     )
 

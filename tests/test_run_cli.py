@@ -41,7 +41,7 @@ def test_help_documents_every_option():
     text = re.sub(r"\x1b\[[0-9;]*m", "", result.output)
     for f in dataclasses.fields(TuneConfig):
         assert _flag(f.name) in text, f.name
-    assert "--resume" in text and "--cache-prefix" in text and "--progress" in text
+    assert "--resume" in text and "--cache-frozen-layers" in text and "--progress" in text
 
 
 def test_lambda_zero_and_positive_give_different_deltas(tiny_dir, data, tmp_path):  # noqa: F811

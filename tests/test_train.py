@@ -35,7 +35,7 @@ def base_cfg(tiny_dir, tmp_path_factory):  # noqa: F811
         batch_size=8,
         warmup=0.2,
         dtype="float32",
-        cache_prefix=True,
+        cache_frozen_layers=True,
         seed=1,
     )
 
@@ -117,7 +117,7 @@ def test_warmup_factor():
 def test_refresh_never_keeps_the_initial_targets(base_cfg, tmp_path):
     cfg = dataclasses.replace(
         base_cfg, out=str(tmp_path), refresh="never", epochs=2, limit=16, layers="last1",
-        cache_prefix=False,
+        cache_frozen_layers=False,
     )  # fmt: skip
     result = run(cfg)
     first, second = result.history

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from roma_vllm.errors import RomaError
+
 SCORING_CHOICES = ("letter", "loglik")
 REFRESH_CHOICES = ("epoch", "never")
 ROUTING_VECTOR_CHOICES = ("probs", "log-probs")
@@ -30,7 +32,7 @@ LAYERS_RE = re.compile(r"all|last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 _NOT_HASHED = {"out", "resume", "device", "device_map"}
 
 
-class ConfigError(ValueError):
+class ConfigError(RomaError, ValueError):
     """A run option is invalid; the message names the flag."""
 
 
@@ -97,9 +99,9 @@ class TuneConfig:
         "without native bf16); or 'bfloat16' / 'float32'. The resolved dtype is recorded in "
         "config.json and the delta metadata.",
     )
-    cache_prefix: bool = _f(
+    cache_frozen_layers: bool = _f(
         False,
-        "Store the hidden states entering the lowest tuned layer on disk and reuse them "
+        "Cache the frozen layers' output: store the hidden states entering the lowest tuned layer on disk and reuse them "
         "instead of recomputing the frozen layers below it.",
     )
     embedder: str = _f(

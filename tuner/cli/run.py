@@ -37,7 +37,8 @@ def run_command(
     routing_vector: str = _opt("routing_vector", "--routing-vector"),
     seed: int = _opt("seed", "--seed"),
     dtype: str = _opt("dtype", "--dtype"),
-    cache_prefix: bool = _opt("cache_prefix", "--cache-prefix"),
+    cache_frozen_layers: bool = _opt("cache_frozen_layers", "--cache-frozen-layers"),
+    cache_prefix: bool = typer.Option(False, "--cache-prefix", hidden=True),  # old spelling
     embedder: str = _opt("embedder", "--embedder"),
     skip_bad_rows: bool = _opt("skip_bad_rows", "--skip-bad-rows"),
     limit: int | None = _opt("limit", "--limit"),
@@ -61,6 +62,7 @@ def run_command(
     """
     values = dict(locals())
     values.pop("progress")
+    values["cache_frozen_layers"] = values.pop("cache_prefix") or cache_frozen_layers
     values["template"] = read_template(template)
     with _user_errors():
         from tuner.config import TuneConfig

@@ -1,4 +1,4 @@
-"""``--cache-prefix``: hidden states entering the lowest tuned layer, computed once, on disk.
+"""``--cache-frozen-layers``: hidden states entering the lowest tuned layer, computed once, on disk.
 
 The layers below the lowest tuned router never change during training, so their output for
 a sample is the same every epoch. The cache stores, for every row of every sample, the
@@ -20,10 +20,9 @@ import torch
 
 from roma_vllm.deltas import atomic_write
 from tuner.data.prompts import Encoded
+from tuner.model.dtypes import DTYPES, dtype_name
 from tuner.model.forward import Batch, collate, sorted_batches
 from tuner.model.load import TunerModel
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 class _Stop(Exception):
@@ -60,7 +59,7 @@ class PrefixCache:
     def __init__(self, path: Path, index: dict[str, Any]) -> None:
         self.path = Path(path)
         self.hidden = int(index["hidden"])
-        self.dtype = _DTYPES[index["dtype"]]
+        self.dtype = DTYPES[index["dtype"]]
         self.offsets = {(int(s), int(j)): (int(o), int(n)) for s, j, o, n in index["rows"]}
         total = int(index["elements"])
         self.data = torch.from_file(str(self.path), shared=False, size=total, dtype=self.dtype)
@@ -110,7 +109,7 @@ class PrefixCache:
                         progress(len(idx))
 
         atomic_write(path, write)
-        name = next(k for k, v in _DTYPES.items() if v == dtype)
+        name = dtype_name(dtype)
         index = {"hidden": hidden, "dtype": name, "elements": offset, "rows": rows}
         atomic_write(cls.index_path(path), lambda tmp: Path(tmp).write_text(json.dumps(index)))
         return cls(path, index)

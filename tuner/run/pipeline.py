@@ -239,8 +239,8 @@ class Pipeline:
         return emb
 
     def prefix(self) -> PrefixCache | None:
-        """The ``--cache-prefix`` states: rank 0 builds them in RUN_DIR, the others read."""
-        if not self.cfg.cache_prefix:
+        """The ``--cache-frozen-layers`` states: rank 0 builds them in RUN_DIR, the others read."""
+        if not self.cfg.cache_frozen_layers:
             return None
         path = self.cache_dir / f"prefix-{self.keys['prefix']}.bin"
         cache = self._prefix(path) if self.dist.is_main else None
@@ -249,7 +249,7 @@ class Pipeline:
             cache = PrefixCache.open(path)
             if cache is None:
                 raise FileNotFoundError(
-                    f"--cache-prefix: rank {self.dist.rank} cannot read {path}, written by "
+                    f"--cache-frozen-layers: rank {self.dist.rank} cannot read {path}, written by "
                     "rank 0; with several machines --out must be on a filesystem they share"
                 )
         return cache
