@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from roma_vllm.errors import RomaError
+
 
 @dataclass(frozen=True)
 class RouterSpec:
@@ -59,7 +61,7 @@ GENERIC = RouterSpec(
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(RomaError, ValueError):
     """The model has no routers that roma-vllm knows how to tune."""
 
 

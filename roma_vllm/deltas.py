@@ -31,13 +31,14 @@ from safetensors.torch import save_file
 
 from roma_vllm._version import __version__
 from roma_vllm.architectures import router_spec
+from roma_vllm.errors import RomaError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "roma"
 DELTAS_FILENAME = "roma_deltas.safetensors"
 
 
-class DeltaError(ValueError):
+class DeltaError(RomaError, ValueError):
     """A delta file is unusable; the message names the file and what is wrong."""
 
 

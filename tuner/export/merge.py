@@ -37,11 +37,12 @@ from roma_vllm.checkpoint import (
     safetensors_files,
 )
 from roma_vllm.deltas import DeltaError, RouterDeltas, add_delta, check_base_tensor, read_deltas
+from roma_vllm.errors import RomaError
 
 MERGE_RECORD = "roma_merge.json"  # written beside the merged weights: what produced them
 
 
-class MergeError(ValueError):
+class MergeError(RomaError, ValueError):
     """The merge cannot run; the message names the folder or flag."""
 
 

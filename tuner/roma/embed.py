@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from roma_vllm.errors import RomaError
 from tuner.config import DEFAULT_EMBEDDER
 
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"}
 
 
-class EmbedderError(ValueError):
+class EmbedderError(RomaError, ValueError):
     """The embedder cannot be loaded; the message says what was tried."""
 
 

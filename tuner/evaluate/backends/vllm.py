@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from roma_vllm.errors import RomaError
 from tuner.data.prompts import Encoded
 from tuner.evaluate.results import SampleScore, choose, free_form, max_length
 
 CHUNK = 256  # requests per generate() call, for progress updates
 
 
-class EngineStartError(RuntimeError):
+class EngineStartError(RomaError, RuntimeError):
     """vLLM did not start; its own log (printed above) names the root cause."""
 
 
