@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from roma_vllm.errors import RomaError
 from tuner.data.sources import LETTERS, Example
 
 Scoring = Literal["letter", "loglik"]
@@ -35,7 +36,7 @@ DEFAULT_TEMPLATES: dict[str, str] = {
 PLACEHOLDERS = ("question", "prompt", "choices", "task")
 
 
-class EncodeError(ValueError):
+class EncodeError(RomaError, ValueError):
     """A prompt template or tokenizer cannot encode the data; the message says how to fix it."""
 
 
