@@ -14,18 +14,51 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from roma_vllm.errors import MissingFileError
 
-def resolve_checkpoint(model: str | os.PathLike) -> Path:
-    """A local directory for ``model``: a path, or a Hub name resolved through the local cache."""
+# What a Hub checkpoint needs besides its weights: configs, tokenizer files (sentencepiece
+# models, BPE merges and vocabularies, tiktoken ranks) and chat templates. Never pickles
+# (*.bin, *.pt, *.pth, *.ckpt, *.pkl): roma-vllm reads safetensors only.
+HUB_PATTERNS: tuple[str, ...] = (
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.model.v*",  # Mistral's tokenizer.model.v3
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.*",
+    "*.jinja",  # chat_template.jinja, additional_chat_templates/*.jinja
+)
+REMOTE_CODE_PATTERNS: tuple[str, ...] = ("*.py",)  # only with trust_remote_code
+NEVER_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def hub_patterns(trust_remote_code: bool = False) -> list[str]:
+    """The ``allow_patterns`` a Hub checkpoint is fetched with."""
+    return [*HUB_PATTERNS, *(REMOTE_CODE_PATTERNS if trust_remote_code else ())]
+
+
+def resolve_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False) -> Path:
+    """A local directory for ``model``: a path, or a Hub name resolved through the local cache.
+
+    From the Hub: weights (safetensors), configs, tokenizer files and chat templates, and the
+    model's Python code only with ``trust_remote_code``.
+    """
     p = Path(model)
     if p.is_dir():
         return p
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors"]))
+        return Path(
+            snapshot_download(
+                str(model),
+                allow_patterns=hub_patterns(trust_remote_code),
+                ignore_patterns=list(NEVER_PATTERNS),
+            )
+        )
     except Exception as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{model}: not a local directory and not available from the Hub ({e})"
         ) from None
 
@@ -33,7 +66,7 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
 def safetensors_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{model_dir}: no *.safetensors files (roma-vllm reads safetensors only)"
         )
     return files
@@ -78,5 +111,5 @@ def checkpoint_tensors(
 def load_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not a Hugging Face checkpoint directory)")
+        raise MissingFileError(f"{path}: missing (not a Hugging Face checkpoint directory)")
     return json.loads(path.read_text())

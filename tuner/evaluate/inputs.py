@@ -53,7 +53,7 @@ def resolve_inputs(opts: InputOptions) -> Inputs:
     from roma_vllm.deltas import read_deltas
     from tuner.export.merge import check_against_checkpoint
 
-    checkpoint = resolve_checkpoint(opts.model)
+    checkpoint = resolve_checkpoint(opts.model, getattr(opts, "trust_remote_code", False))
     deltas = None
     recorded: dict[str, Any] = {}
     if opts.deltas is not None:

@@ -200,7 +200,7 @@ def load_model(
     """
     import transformers
 
-    ckpt = resolve_checkpoint(model)
+    ckpt = resolve_checkpoint(model, trust_remote_code)
     config = load_config(ckpt)
     arch = architecture_of(config)
     routers = find_routers(arch, checkpoint_shapes(ckpt), num_experts(config))
