@@ -4,7 +4,7 @@ Every variant is a ``roma-tune run`` on the downstream train split, scored by th
 per-epoch validation accuracy (the test split is never read). Each RoMA variant is compared
 with plain router tuning (``--lambda 0``) under the same model, data, layers and seed: the
 paired difference, with a 95% t interval over seeds, is the number that answers "did this
-variant help?". Each model also gets the *transplant* test (:mod:`bench.transplant`): how
+variant help?". Each model also gets the *transplant* test (`roma-tune diagnose transplant`): how
 many wrong training answers become right when the sample is routed exactly like its
 successful embedding neighbours (RoMA's target), against random successful samples.
 
@@ -206,7 +206,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "Share of the wrong answers that become right when the sample's last-token routing in "
         "the tuned layers is replaced by a target built from successful samples "
-        "(`python -m bench.transplant`).",
+        "(`roma-tune diagnose transplant`).",
         "",
         "| model | wrong | neighbours (RoMA's target) | random same-task | random any task |",
         "|---|---|---|---|---|",
@@ -255,7 +255,7 @@ def main(
     work: Path = typer.Option(ROOT / "runs/investigate", help="Scratch folder for runs."),
 ) -> None:
     """Run the variants and the transplant diagnostics; write investigation.md/json/png."""
-    from bench.transplant import transplant_accuracy
+    from tuner.diagnose.transplant import transplant_accuracy
 
     start = time.perf_counter()
     seed_list = [int(s) for s in seeds.split(",")]

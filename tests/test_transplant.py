@@ -1,4 +1,4 @@
-"""bench.transplant: the routing override hook, the identity transplant, and the counts."""
+"""roma-tune diagnose transplant: the routing override hook, the identity transplant, and the counts."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 import torch
 from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 
-from bench.transplant import (
+from tuner.data.prompts import encode
+from tuner.data.sources import load_examples
+from tuner.diagnose.transplant import (
     RoutingOverride,
     last_prompt_positions,
     rescore,
     transplant_accuracy,
     transplant_targets,
 )
-from tuner.data.prompts import encode
-from tuner.data.sources import load_examples
 from tuner.model.choice_loss import score
 from tuner.model.forward import collate, forward
 from tuner.model.load import load_model
@@ -298,3 +298,38 @@ def run_one(tm, enc, i: int, target: torch.Tensor) -> tuple[bool, torch.Tensor]:
         for h in handles:
             h.remove()
     return bool(score(out, batch).correct[0]), out.choice_scores[0][batch.choice_mask[0]]
+
+
+def test_diagnose_transplant_command_reports_the_brute_force_recount(
+    counted, tiny_dir, tmp_path  # noqa: F811
+):
+    """`roma-tune diagnose transplant` prints and writes the fix counts that an independent
+    one-sample-at-a-time recount gives."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tuner.cli import app
+
+    c = counted
+    fixed = sum(run_one(c["tm"], c["enc"], i, c["targets"][i])[0] for i in c["wrong"])
+    out = tmp_path / "t.json"
+    args = ["diagnose", "transplant", "--model", str(tiny_dir), "--data", str(c["data"])]
+    args += ["--scoring", "letter", "--k", str(K), "--sigma", str(SIGMA), "--json", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["wrong"] == len(c["wrong"]) and r["neighbours"]["fixed"] == fixed
+    assert f"{fixed}/{len(c['wrong'])}" in result.output
+
+
+def test_diagnose_transplant_bad_data_is_one_line(tiny_dir, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from tuner.cli import app
+
+    missing = tmp_path / "nope.jsonl"
+    args = ["diagnose", "transplant", "--model", str(tiny_dir), "--data", str(missing)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "nope.jsonl" in result.output and "Traceback" not in result.output

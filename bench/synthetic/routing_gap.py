@@ -12,9 +12,7 @@ to close on that data; the per-sample oracle (:mod:`bench.oracle`) is a looser b
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +21,22 @@ import typer
 
 from bench.synthetic.pretrain import WRAPPERS, accuracy_by_task, encode, pad_batch
 from bench.synthetic.tasks import read_jsonl
-from bench.transplant import renormalises
+from tuner.diagnose.override import RouterOverride
 
 BIAS = 30.0  # added to the chosen experts' logits: larger than any logit gap seen
 
 
-@contextlib.contextmanager
-def forced_routing(model: Any, bias: dict[str, torch.Tensor | None]) -> Iterator[None]:
+def forced_routing(model: Any, bias: dict[str, torch.Tensor | None]) -> RouterOverride:
     """While active, every MoE router adds ``bias["rows"]`` (``[tokens, experts]``, or
     nothing when None) to its logits before choosing its top-k experts."""
 
-    def hook(module: Any, args: tuple, output: tuple) -> tuple | None:
+    def edit(n: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None] | None:
         extra = bias["rows"]
         if extra is None:
             return None
-        logits = output[0] + extra.to(output[0])
-        top, index = logits.float().softmax(-1).topk(output[2].shape[-1], -1)
-        if renormalises(module, *output):
-            top = top / top.sum(-1, keepdim=True)
-        return logits, top.to(output[1].dtype), index
+        return torch.arange(len(logits)), logits + extra.to(logits), None
 
-    handles = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return RouterOverride([layer.mlp.gate for layer in model.model.layers], edit)
 
 
 @torch.no_grad()

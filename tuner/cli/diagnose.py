@@ -65,3 +65,36 @@ def report_command(
             trust_remote_code=trust_remote_code, device_map=device_map,
         )  # fmt: skip
         main(opts)
+
+
+@app.command("transplant")
+def transplant_command(
+    model: str = o.MODEL,
+    data: str = o.DATA,
+    scoring: str = typer.Option("loglik", "--scoring", help="'letter' or 'loglik'."),
+    template: str | None = o.TEMPLATE,
+    layers: str | None = typer.Option(
+        None, "--layers", help="Routers to transplant. Default: the tuner's (last 5 MoE layers)."
+    ),
+    k: int = typer.Option(3, "--k", help="Neighbours (and random samples) per target."),
+    sigma: float = typer.Option(0.4, "--sigma", help="Gaussian kernel width."),
+    embedder: str = o.EMBEDDER,
+    limit: int | None = o.LIMIT,
+    seed: int = typer.Option(0, "--seed", help="Seed of the random controls."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    device: str = o.DEVICE,
+    trust_remote_code: bool = o.TRUST_REMOTE_CODE,
+    batch_size: int = BATCH_SIZE,
+    json_out: str | None = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """Would a wrong sample be right if routed like its successful neighbours? Fix rates of
+    neighbour routing against random successful routing (same task, any task)."""
+    from tuner.cli.errors import exit_on_user_error
+    from tuner.diagnose.transplant import main
+
+    with exit_on_user_error():
+        main(
+            model, data, scoring=scoring, template=template, layers=layers, k=k, sigma=sigma,
+            embedder=embedder, limit=limit, seed=seed, dtype=dtype, device=device,
+            trust_remote_code=trust_remote_code, batch_size=batch_size, json_out=json_out,
+        )  # fmt: skip

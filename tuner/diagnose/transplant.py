@@ -13,93 +13,47 @@ of wrong samples this fixes is compared with two controls, the mean routing of `
 successful samples of the same task and of any task: if neighbours fix no more than random
 successful routing does, the embedding neighbourhood carries no routing signal.
 
-    python -m bench.transplant --model bench/models/demo-olmoe --data bench/data/demo/train.jsonl
+    roma-tune diagnose transplant --model MODEL --data train.jsonl
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import typer
 from rich.progress import track
 
 from tuner.config import DEFAULT_EMBEDDER
+from tuner.diagnose.override import RouterOverride
 
-app = typer.Typer(add_completion=False)
 KINDS = ("neighbours", "random_same_task", "random_any")
 
 
-class RoutingOverride:
-    """Context manager: forward hooks that replace the tuned routers' output at chosen tokens.
+class RoutingOverride(RouterOverride):
+    """Replace the tuned routers' output at chosen tokens by given routing distributions.
 
     Set :attr:`positions` (``[P]`` flat token indices) and :attr:`targets` (``[P, layers *
     experts]``, one probability distribution over experts per tuned layer, layers ascending)
-    before a forward pass. Registered with ``prepend`` after entering a
-    :class:`tuner.model.routing.RoutingCapture`, so that capture records the overridden logits.
+    before a forward pass. The hooks are prepended, so a
+    :class:`tuner.model.routing.RoutingCapture` entered before records the overridden logits.
     """
 
     def __init__(self, tm: Any) -> None:
         self.tm = tm
         self.positions: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
-        self._handles: list[Any] = []
+        super().__init__(list(tm.router_modules.values()), self._edit, prepend=True)
 
-    def __enter__(self) -> RoutingOverride:
-        for n, module in enumerate(self.tm.router_modules.values()):
-            self._handles.append(module.register_forward_hook(self._hook(n), prepend=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, n: int) -> Any:
-        experts = self.tm.num_experts
-
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            if self.positions is None or self.targets is None or not len(self.positions):
-                return None
-            if not (isinstance(output, tuple) and len(output) == 3):
-                raise ValueError(f"{type(module).__name__}: expected (logits, weights, indices)")
-            renorm = renormalises(module, *output)
-            logits, weights, index = (o.clone() for o in output)
-            pos = self.positions.to(logits.device)
-            t = self.targets[:, n * experts : (n + 1) * experts].to(logits.device).float()
-            top_w, top_i = t.topk(index.shape[-1], dim=-1)
-            if renorm:
-                top_w = top_w / top_w.sum(-1, keepdim=True)
-            logits[pos] = t.clamp_min(1e-30).log().to(logits.dtype)
-            weights[pos] = top_w.to(weights.dtype)
-            index[pos] = top_i.to(index.dtype)
-            return logits, weights, index
-
-        return hook
-
-
-def renormalises(
-    module: Any, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor
-) -> bool:
-    """Whether the router's top-k weights are its top-k softmax probabilities renormalised
-    (Mixtral, GPT-OSS, Qwen3-MoE) or raw (OLMoE), read off its own output: Mixtral always
-    renormalises but has no ``norm_topk_prob``. Ties (every top-k sums to ~1) fall back to
-    that attribute; neither convention (DeepSeek's sigmoid scores) raises ValueError."""
-    raw = torch.softmax(logits.float(), -1).gather(-1, index)
-    norm = raw / raw.sum(-1, keepdim=True)
-    is_raw, is_norm = (torch.allclose(weights.float(), x, atol=1e-3) for x in (raw, norm))
-    if is_raw and is_norm:
-        return bool(getattr(module, "norm_topk_prob", False))
-    if not (is_raw or is_norm):
-        raise ValueError(
-            f"{type(module).__name__}: its top-k weights are not softmax probabilities of its "
-            "logits (raw or renormalised), so a routing distribution cannot be transplanted"
-        )
-    return is_norm
+    def _edit(
+        self, n: int, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.positions is None or self.targets is None or not len(self.positions):
+            return None
+        e = self.tm.num_experts
+        t = self.targets[:, n * e : (n + 1) * e].float()
+        return self.positions, t.clamp_min(1e-30).log(), t
 
 
 def last_prompt_positions(batch: Any, encoded: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +147,9 @@ def transplant_accuracy(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Share of wrong samples fixed by transplanting neighbour / random successful routing.
 
@@ -206,7 +163,7 @@ def transplant_accuracy(
     from tuner.roma.neighbours import find_neighbours
     from tuner.roma.snapshot import take_snapshot
 
-    tm = load_model(model, layers, "float32", "cpu")
+    tm = load_model(model, layers, dtype, device, trust_remote_code)
     examples = load_examples(data, limit=limit).examples
     encoded = encode(examples, tm.tokenizer, scoring, template)
     snap = take_snapshot(tm, encoded, batch_size)
@@ -228,33 +185,41 @@ def transplant_accuracy(
     return {**result, "k": k, "sigma": sigma, "layers": tm.layers, "scoring": scoring}
 
 
-@app.command()
-def main(
-    model: str = typer.Option("bench/models/demo-olmoe", help="Checkpoint."),
-    data: str = typer.Option("bench/data/demo/train.jsonl", help="Labelled rows."),
-    scoring: str = typer.Option("loglik", help="'letter' or 'loglik'."),
-    layers: str = typer.Option(None, help="Routers to transplant (default: the tuner's)."),
-    k: int = typer.Option(3, help="Neighbours (and random samples) per target."),
-    sigma: float = typer.Option(0.4, help="Gaussian kernel width."),
-    embedder: str = typer.Option(DEFAULT_EMBEDDER, help="Sentence-transformers embedder."),
-    limit: int = typer.Option(None, help="Only the first N rows."),
-    seed: int = typer.Option(0, help="Seed of the random controls."),
-    json_out: str = typer.Option(None, "--json", help="Write the result here."),
-) -> None:
-    """Print the fix rate of each transplant target."""
-    r = transplant_accuracy(
-        model, data, scoring, layers, k, sigma, embedder, limit=limit, seed=seed, progress=True
+def table(r: dict[str, Any]) -> Any:
+    """A rich table of the fix rate of each transplant target."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"Routing transplant: n={r['n']}, wrong {r['wrong']}, base "
+        f"{100 * r['base_accuracy']:.1f}%, layers {r['layers']}, k={r['k']}"
     )
-    print(f"n={r['n']}  wrong={r['wrong']}  base {r['base_accuracy']:.3f}")
+    for col in ("target", "fixed / tried", "fix rate", "accuracy if applied"):
+        t.add_column(col, justify="left" if col == "target" else "right")
     for kind in KINDS:
         x = r[kind]
-        print(
-            f"{kind:17s} fixed {x['fixed']:4d}/{x['tried']:<4d} ({x['fix_rate']:.3f})  "
-            f"accuracy if applied {x['accuracy_if_applied']:.3f}"
+        t.add_row(
+            kind,
+            f"{x['fixed']}/{x['tried']}",
+            f"{x['fix_rate']:.3f}",
+            f"{100 * x['accuracy_if_applied']:.1f}%",
         )
+    return t
+
+
+def main(model: str, data: str, *, json_out: str | None = None, **options: Any) -> dict[str, Any]:
+    """The `roma-tune diagnose transplant` command: print the table, write JSON."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from roma_vllm.deltas import atomic_write
+
+    r = transplant_accuracy(model, data, progress=True, **options)
+    console = Console()
+    console.print(table(r))
     if json_out:
-        Path(json_out).write_text(json.dumps(r, indent=2))
-
-
-if __name__ == "__main__":
-    app()
+        text = json.dumps(r, indent=2) + "\n"
+        atomic_write(json_out, lambda tmp: Path(tmp).write_text(text))
+        console.print(f"wrote {json_out}")
+    return r
