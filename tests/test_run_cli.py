@@ -133,16 +133,16 @@ def test_model_without_routers(tmp_path, data):
 
 
 def test_no_successful_sample(tiny_dir, data, tmp_path, monkeypatch):  # noqa: F811
-    import tuner.run.pipeline
+    import tuner.run.ranks
 
-    real = tuner.run.pipeline.take_snapshot
+    real = tuner.run.ranks.take_snapshot
 
     def nothing_right(*args, **kwargs):
         snap = real(*args, **kwargs)
         snap.correct[:] = False
         return snap
 
-    monkeypatch.setattr(tuner.run.pipeline, "take_snapshot", nothing_right)
+    monkeypatch.setattr(tuner.run.ranks, "take_snapshot", nothing_right)
     args = ["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")]
     msg = _error(_run(*args, "--dtype", "float32"))
     assert msg.startswith(

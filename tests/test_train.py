@@ -14,6 +14,7 @@ from roma_vllm.hf import apply_deltas
 from tuner.config import TuneConfig
 from tuner.model.load import load_model
 from tuner.run.pipeline import run
+from tuner.train.checkpoints import load_checkpoint
 from tuner.train.loop import warmup_factor
 
 
@@ -65,9 +66,7 @@ def test_delta_file_holds_exactly_the_tuned_routers(uninterrupted, tiny_dir):  #
     assert t["train_accuracy_before"] == result.accuracy_before
     assert t["train_accuracy_after"] == result.accuracy_after
     # applying the deltas to the base reproduces the tuned routers (float32 masters)
-    tuned = torch.load(
-        next((result.run_dir / "checkpoints").rglob("epoch-2.pt")), weights_only=True
-    )
+    tuned = load_checkpoint(next((result.run_dir / "checkpoints").rglob("epoch-2.safetensors")))
     base = load_model(str(tiny_dir), layers="all", dtype="float32", device="cpu")
     apply_deltas(base.model, deltas)
     for i in range(4):
@@ -76,7 +75,7 @@ def test_delta_file_holds_exactly_the_tuned_routers(uninterrupted, tiny_dir):  #
         if i == 0:
             torch.testing.assert_close(got, base.base[name].float(), rtol=0, atol=0)
         else:
-            torch.testing.assert_close(got, tuned["routers"][name], rtol=0, atol=1e-7)
+            torch.testing.assert_close(got, tuned.routers[name], rtol=0, atol=1e-7)
     assert (result.run_dir / "config.json").is_file()
     assert (result.run_dir / "train_log.jsonl").read_text().count('"event": "epoch"') == 3
 

@@ -29,7 +29,7 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 LAYERS_RE = re.compile(r"all|last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 # Fields that do not change what a run computes, left out of the hash that keys its caches.
-_NOT_HASHED = {"out", "resume", "device", "device_map"}
+_NOT_HASHED = {"out", "resume", "overwrite", "device", "device_map"}
 
 
 class ConfigError(RomaError, ValueError):
@@ -110,6 +110,11 @@ class TuneConfig:
     skip_bad_rows: bool = _f(False, "Skip and count bad data rows instead of stopping.")
     limit: int | None = _f(None, "Use only the first N training rows.")
     resume: bool = _f(False, "Continue an interrupted run from its last epoch checkpoint.")
+    overwrite: bool = _f(
+        False,
+        "Delete the checkpoints of an earlier training of this configuration (finished or "
+        "not) and train from scratch; cached stages are still reused.",
+    )
     trust_remote_code: bool = _f(
         False, "Allow the checkpoint's own modelling code (only if you trust it)."
     )
@@ -181,6 +186,7 @@ class TuneConfig:
             "--limit",
             f"must be at least 1, got {self.limit}",
         )
+        need(not (self.resume and self.overwrite), "--overwrite", "cannot be used with --resume")
         need(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             "--max-grad-norm",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from tuner.cli.errors import exit_on_user_error
 from tuner.config import DEFAULTS, HELP, read_template
 
 
@@ -43,6 +44,7 @@ def run_command(
     skip_bad_rows: bool = _opt("skip_bad_rows", "--skip-bad-rows"),
     limit: int | None = _opt("limit", "--limit"),
     resume: bool = _opt("resume", "--resume"),
+    overwrite: bool = _opt("overwrite", "--overwrite"),
     trust_remote_code: bool = _opt("trust_remote_code", "--trust-remote-code"),
     device: str = _opt("device", "--device"),
     device_map: str | None = _opt("device_map", "--device-map"),
@@ -56,6 +58,8 @@ def run_command(
     Stages (each cached in RUN_DIR and reused when its inputs are unchanged): task
     embeddings, routing snapshot, neighbours, training, export of
     RUN_DIR/roma_deltas.safetensors (serve it with `vllm serve --load-format roma`).
+    One run at a time uses a RUN_DIR (RUN_DIR/run.lock); an interrupted training continues
+    with --resume or starts over with --overwrite, and is never deleted otherwise.
 
     Data parallel: `torchrun --nproc-per-node N $(which roma-tune) run ...` (--batch-size
     stays the global batch). A model larger than one GPU: --device-map auto.
@@ -63,9 +67,10 @@ def run_command(
     values = dict(locals())
     values.pop("progress")
     values["cache_frozen_layers"] = values.pop("cache_prefix") or cache_frozen_layers
-    values["template"] = read_template(template)
-    with _user_errors():
+    with exit_on_user_error():
         from tuner.config import TuneConfig
+
+        values["template"] = read_template(template)
 
         cfg = TuneConfig(**values)
         _run(cfg, progress)
@@ -107,21 +112,3 @@ def _run(cfg: object, progress: bool) -> None:
     if result.reused:
         out.print(f"reused from cache: {', '.join(result.reused)}")
     out.print(f"deltas: {result.deltas}")
-
-
-class _user_errors:
-    """One red ``Error: ...`` line and exit status 1 for errors the user can fix."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
-        if exc is None:
-            return False
-        from roma_vllm.architectures import UnsupportedModelError
-        from tuner.run.pipeline import NoSuccessError
-
-        if isinstance(exc, (ValueError, FileNotFoundError, UnsupportedModelError, NoSuccessError)):
-            typer.secho(f"Error: {exc}", fg="red", err=True)
-            raise typer.Exit(1) from None
-        return False

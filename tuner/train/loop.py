@@ -10,7 +10,7 @@ Under torchrun (:mod:`tuner.train.distributed`) every rank walks the same batch 
 ``train_step`` on its shard of each global batch with the loss scaled by
 ``local / global`` samples, and the router gradients are summed across ranks between
 ``train_step`` and the optimiser step: the same update as one process with the same global
-batch. Rank 0 alone writes checkpoints.
+batch. Rank 0 alone writes checkpoints (:mod:`tuner.train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from roma_vllm.deltas import atomic_write
 from tuner.config import TuneConfig
 from tuner.data.prompts import Encoded
 from tuner.model.choice_loss import Scored, score
@@ -35,9 +34,14 @@ from tuner.model.routing import RoutingCapture
 from tuner.roma.neighbours import Neighbours
 from tuner.roma.objective import LossTerms, roma_loss
 from tuner.roma.snapshot import Snapshot
+from tuner.train.checkpoints import (
+    TrainState,
+    all_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tuner.train.distributed import SINGLE, Dist, broadcast, shard, sync_gradients
-
-CHECKPOINT_PREFIX = "epoch-"
 
 
 @dataclass
@@ -104,18 +108,6 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return directory / f"{CHECKPOINT_PREFIX}{epoch}.pt"
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(
-        directory.glob(f"{CHECKPOINT_PREFIX}*.pt"),
-        key=lambda p: int(p.stem[len(CHECKPOINT_PREFIX) :]),
-    )
-    return found[-1] if found else None
-
-
 def train(
     tm: TunerModel,
     encoded: Sequence[Encoded],
@@ -157,19 +149,16 @@ def train(
     final: Snapshot | None = None
 
     ckpt = latest_checkpoint(checkpoint_dir) if resume and dist.is_main else None
-    state = torch.load(ckpt, weights_only=True) if ckpt is not None else None
+    state = load_checkpoint(ckpt) if ckpt is not None else None
     state, ckpt = broadcast((state, ckpt), dist)  # rank 0's files need not be shared
     if state is not None:
-        tm.load_router_state(state["routers"])
-        opt.load_state_dict(state["optimizer"])
-        result.history = [EpochRecord(**r) for r in state["history"]]
-        snapshot = Snapshot.from_tensors(state["snapshot"])
-        neighbours = Neighbours(**{k: v.numpy() for k, v in state["neighbours"].items()})
-        start = state["epoch"] + 1
-        result.resumed_from = state["epoch"]
-        if state.get("final") is not None:
-            final = Snapshot.from_tensors(state["final"])
-        log({"event": "resume", "from_epoch": state["epoch"], "checkpoint": str(ckpt)})
+        tm.load_router_state(state.routers)
+        opt.load_state_dict(state.optimizer)
+        result.history = [EpochRecord(**r) for r in state.history]
+        snapshot, neighbours, final = state.snapshot, state.neighbours, state.final
+        start = state.epoch + 1
+        result.resumed_from = state.epoch
+        log({"event": "resume", "from_epoch": state.epoch, "checkpoint": str(ckpt)})
 
     pad = tm.tokenizer.pad_token_id
     step = start * batches_per_epoch
@@ -273,17 +262,16 @@ def _save(
     neighbours: Neighbours,
     final: Snapshot | None,
 ) -> None:
-    state = {
-        "epoch": epoch,
-        "routers": tm.router_state(),
-        "optimizer": opt.state_dict(),
-        "history": [asdict(r) for r in history],
-        "snapshot": snapshot.tensors(),
-        "neighbours": {k: torch.from_numpy(v) for k, v in neighbours.arrays().items()},
-        "final": final.tensors() if final is not None else None,
-    }
-    path = checkpoint_path(directory, epoch)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in directory.glob(f"{CHECKPOINT_PREFIX}*.pt"):
+    state = TrainState(
+        epoch=epoch,
+        routers=tm.router_state(),
+        optimizer=opt.state_dict(),
+        history=[asdict(r) for r in history],
+        snapshot=snapshot,
+        neighbours=neighbours,
+        final=final,
+    )
+    path = save_checkpoint(directory, state)
+    for old in all_checkpoints(directory):  # superseded by the one just written
         if old != path:
             old.unlink(missing_ok=True)
