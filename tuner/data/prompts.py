@@ -89,9 +89,16 @@ def render_prompt(
 
     Placeholders: ``{question}`` / ``{prompt}`` (the row's question or prompt), ``{choices}``
     (the lettered list), ``{task}``. Literal braces are written ``{{`` and ``}}``.
+    A rendered row's prompt (lm-eval's) is returned as it is.
     """
     if scoring not in SCORINGS:
         raise EncodeError(f"scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    if example.rendered:
+        if chat_template:
+            raise EncodeError(
+                f"{example.source}: --chat-template does not apply to lm-eval rows; drop it"
+            )
+        return example.prompt
     kind = scoring if example.is_choice else "free"
     fmt = template if template is not None else DEFAULT_TEMPLATES[kind]
     fields = _Fields(
@@ -178,6 +185,11 @@ def encode(
     letter_cache: dict[int, tuple[list[int], list[int]]] = {}
     out: list[Encoded] = []
     for ex in examples:
+        if ex.rendered:  # lm-eval rows: tokenised as lm-eval does (tuner.data.rendered)
+            from tuner.data.rendered import encode_rendered
+
+            out.append(encode_rendered(ex, tokenizer, scoring, chat_template))
+            continue
         text = render_prompt(ex, scoring, template, tokenizer, chat_template)
         prompt_ids = prompt_token_ids(tokenizer, text, special)
         if not prompt_ids:

@@ -11,8 +11,11 @@ Two kinds of rows are understood:
 
 Sources: local ``.jsonl``, ``.json`` (a list of rows, or an object holding one list) and
 ``.csv`` (header row; ``choices`` as a JSON list, or columns ``A``..``J`` / ``choice1``..),
-Hugging Face datasets as ``hf:NAME[:CONFIG]:SPLIT`` and ``datasets.save_to_disk`` folders
-(``DIR`` or ``DIR:SPLIT``). The two ``datasets`` sources need the ``datasets`` package.
+Hugging Face datasets as ``hf:NAME[:CONFIG]:SPLIT`` (``SPLIT`` may be a slice such as
+``test[:100]``), ``datasets.save_to_disk`` folders (``DIR`` or ``DIR:SPLIT``) and
+lm-evaluation-harness tasks as ``lm-eval:TASK[:SPLIT][=LOCAL_COPY]`` (:mod:`tuner.data.lmeval`).
+A spec may name several sources, each with a column mapping and a row cap
+(:mod:`tuner.data.spec`, :mod:`tuner.data.mixture`).
 
 A bad row raises :class:`DataError` with one line ``FILE:LINE: field 'x': what is wrong``;
 with ``skip_bad_rows=True`` bad rows are skipped and counted instead.
@@ -25,9 +28,11 @@ import hashlib
 import json
 import string
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from roma_vllm.errors import RomaError
 
 LETTERS = string.ascii_uppercase[:10]  # A-J: at most 10 choices
 MIN_CHOICES, MAX_CHOICES = 2, 10
@@ -38,7 +43,7 @@ _ANSWER_KEYS = ("answer", "label", "gold", "answerKey")
 _TASK_KEYS = ("task", "subject", "category")
 
 
-class DataError(ValueError):
+class DataError(RomaError, ValueError):
     """A data row or source is unusable; the message is one line naming file, line and field."""
 
 
@@ -52,10 +57,19 @@ class Example:
     completion: str | None  # free-form target
     task: str  # "default" when the row has none
     source: str  # "FILE:LINE", for messages
+    # Set for rows rendered by lm-eval (``lm-eval:`` sources): ``prompt`` is then the final
+    # context text (no template applied), choice ``c`` is scored as the continuation
+    # ``target_delimiter + c`` and ``completion`` already starts with the delimiter.
+    target_delimiter: str | None = None
 
     @property
     def is_choice(self) -> bool:
         return self.choices is not None
+
+    @property
+    def rendered(self) -> bool:
+        """The prompt is final text (rendered by lm-eval); templates do not apply."""
+        return self.target_delimiter is not None
 
 
 @dataclass
@@ -66,6 +80,8 @@ class Dataset:
     skipped: int
     fingerprint: str
     path: str
+    # per source of the spec: name, spec, rows (kept), available (before a cap), skipped
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -80,37 +96,27 @@ def fingerprint_examples(examples: list[Example]) -> str:
     h = hashlib.sha256()
     for e in examples:
         row = [e.prompt, list(e.choices) if e.choices else None, e.answer, e.completion, e.task]
+        if e.target_delimiter is not None:  # only then, so older fingerprints stay valid
+            row.append(e.target_delimiter)
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
 
 
-def load_examples(spec: str, *, skip_bad_rows: bool = False, limit: int | None = None) -> Dataset:
-    """Load and check the rows of ``spec`` (a file, ``hf:NAME[:CONFIG]:SPLIT`` or a folder).
+def load_examples(
+    spec: str, *, skip_bad_rows: bool = False, limit: int | None = None, seed: int = 0
+) -> Dataset:
+    """Load and check the rows of ``spec``: one source (a file, ``hf:NAME[:CONFIG]:SPLIT``, a
+    datasets folder, ``lm-eval:TASK[:SPLIT]``) or several, comma-separated, each optionally
+    with a column mapping ``{...}`` and a cap ``@N`` (see :mod:`tuner.data.spec`). ``limit``
+    keeps the first rows; ``seed`` draws the rows a cap keeps.
 
     Raises :class:`DataError` for a missing/unreadable source, a bad row (unless
     ``skip_bad_rows``), or when no usable row is left.
     """
-    if limit is not None and limit < 1:
-        raise DataError(f"{spec}: limit must be at least 1, got {limit}")
-    examples: list[Example] = []
-    skipped = 0
-    for where, row in _rows(spec):
-        try:
-            examples.append(parse_row(row, where))
-        except DataError:
-            if not skip_bad_rows:
-                raise
-            skipped += 1
-            continue
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        detail = f" ({skipped} bad rows skipped)" if skipped else ""
-        raise DataError(
-            f"{spec}: no usable rows{detail}; see the row format in `roma-tune run --help`"
-        )
-    return Dataset(examples, skipped, fingerprint_examples(examples), spec)
+    from tuner.data.mixture import load_mixture  # imports this module
+
+    return load_mixture(spec, skip_bad_rows=skip_bad_rows, limit=limit, seed=seed)
 
 
 def parse_row(row: Any, where: str) -> Example:
@@ -229,6 +235,7 @@ def _answer_index(value: Any, n: int, labels: list[str] | None, where: str, key:
 
 
 def _rows(spec: str) -> Iterator[tuple[str, Any]]:
+    """Raw rows (``where``, mapping) of one source; lm-eval tasks are read elsewhere."""
     if spec.startswith("hf:"):
         yield from _hf_rows(spec)
         return
@@ -333,7 +340,10 @@ def _need_datasets(spec: str) -> Any:
 
 
 def _hf_rows(spec: str) -> Iterator[tuple[str, Any]]:
-    parts = spec[3:].split(":")
+    from tuner.data.spec import split_outside_brackets
+
+    # a split may be a slice with its own colon (test[:100]); split only outside brackets
+    parts = split_outside_brackets(spec[3:], ":")
     if len(parts) not in (2, 3) or not all(parts):
         raise DataError(f"{spec}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
