@@ -47,8 +47,12 @@ class TuneConfig:
     model: str = _f("", "Hugging Face MoE checkpoint: a local folder or a Hub name.")
     data: str = _f(
         "",
-        "Training data: .jsonl/.json/.csv file, hf:NAME[:CONFIG]:SPLIT or a datasets folder. "
-        "Rows: {question, choices, answer[, task]} or {prompt, completion}.",
+        "Training data: .jsonl/.json/.csv file, hf:NAME[:CONFIG]:SPLIT, a datasets folder or "
+        "lm-eval:TASK[:SPLIT][=LOCAL_COPY] (needs --scoring loglik). Rows: {question, choices, "
+        "answer[, task]} or {prompt, completion}; other column names: "
+        "'FILE{question=goal,choices=sol1|sol2,answer=label,answer-base=1}'. A mixture: "
+        "sources separated by commas, SOURCE@N keeps N rows drawn with --seed. Check a spec "
+        "with `roma-tune data SPEC`.",
     )
     out: str = _f("", "Run directory: deltas, config.json, log, caches and checkpoints.")
     val: str | None = _f(None, "Optional validation data (same formats): accuracy each epoch.")

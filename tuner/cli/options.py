@@ -8,7 +8,9 @@ MODEL = typer.Option(..., "--model", help="Base checkpoint: a local folder or a 
 DATA = typer.Option(
     ...,
     "--data",
-    help="Data: .jsonl/.json/.csv, hf:NAME[:CONFIG]:SPLIT or a datasets folder.",
+    help="Data: .jsonl/.json/.csv, hf:NAME[:CONFIG]:SPLIT, a datasets folder or "
+    "lm-eval:TASK[:SPLIT][=LOCAL_COPY]; several, comma-separated, make a mixture "
+    "(SOURCE@N caps one, SOURCE{question=COL,...} maps columns; see `roma-tune data --help`).",
 )
 SCALE = typer.Option(1.0, "--scale", help="Multiply the deltas by this factor.")
 ALLOW_MISMATCH = typer.Option(

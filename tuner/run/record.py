@@ -42,6 +42,8 @@ def data_info(data: Dataset, val: Dataset | None) -> dict[str, Any]:
         "skipped": data.skipped,
         "tasks": data.tasks,
     }
+    if len(data.sources) > 1:  # a mixture: rows per source, before and after its cap
+        info["sources"] = data.sources
     if val is not None:
         info["val"] = {"path": val.path, "fingerprint": val.fingerprint, "examples": len(val)}
     return info

@@ -129,13 +129,17 @@ class Pipeline:
         device = self.dist.device if self.dist.enabled else cfg.device
         on_main(self._take_run_dir, self.dist)
         self.data: Dataset = load_examples(
-            cfg.data, skip_bad_rows=cfg.skip_bad_rows, limit=cfg.limit
+            cfg.data, skip_bad_rows=cfg.skip_bad_rows, limit=cfg.limit, seed=cfg.seed
         )
         skipped = f", {self.data.skipped} bad rows skipped" if self.data.skipped else ""
         self.echo(f"data: {len(self.data)} examples in {len(self.data.tasks)} task(s){skipped}")
+        if len(self.data.sources) > 1:
+            self.echo(
+                "sources: " + ", ".join(f"{s['name']} {s['rows']}" for s in self.data.sources)
+            )
         self.val: Dataset | None = None
         if cfg.val:
-            self.val = load_examples(cfg.val, skip_bad_rows=cfg.skip_bad_rows)
+            self.val = load_examples(cfg.val, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
             self.echo(f"validation: {len(self.val)} examples")
         self.tm: TunerModel = load_model(
             cfg.model, cfg.layers, cfg.dtype, device, cfg.trust_remote_code, cfg.device_map
