@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from roma_vllm.deltas import RouterDeltas, add_delta, check_base_tensor
+from roma_vllm.deltas import DeltaError, RouterDeltas, add_delta, check_base_tensor
 
 # Renames transformers applies that matter for routers, used when its own table is unavailable.
 _FALLBACK_RENAMES = [(r"\.block_sparse_moe\.", ".mlp.")]
@@ -63,7 +63,7 @@ def apply_deltas(
         try:
             param = hf_parameter(model, name)
         except KeyError as e:
-            raise ValueError(f"{where}: {e.args[0]}") from None
+            raise DeltaError(f"{where}: {e.args[0]}") from None
         check_base_tensor(deltas, name, param, where, allow_mismatch)
         targets[name] = param
     for name, param in targets.items():

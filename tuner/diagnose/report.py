@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from roma_vllm import __version__
-from tuner.config import DEFAULT_EMBEDDER
+from tuner.config import DEFAULT_EMBEDDER, ConfigError
 
 REPORT_FILENAME = "report.json"
 BLOCK = 1024  # rows per block in the neighbour search (memory: BLOCK x n floats)
@@ -63,9 +63,9 @@ class ReportOptions:
 
     def __post_init__(self) -> None:
         if self.k < 1:
-            raise ValueError(f"--k: must be at least 1, got {self.k}")
+            raise ConfigError(f"--k: must be at least 1, got {self.k}")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype: must be float32 or bfloat16, got {self.dtype!r}")
+            raise ConfigError(f"--dtype: must be float32 or bfloat16, got {self.dtype!r}")
 
 
 # ------------------------------------------------------------------ the two numbers
@@ -78,7 +78,7 @@ def nearest(x: np.ndarray, k: int, metric: str) -> np.ndarray:
     """
     n = x.shape[0]
     if not 1 <= k < n:
-        raise ValueError(f"--k: needs 1 <= k < number of samples ({n}), got {k}")
+        raise ConfigError(f"--k: needs 1 <= k < number of samples ({n}), got {k}")
     x = x.astype(np.float64)
     if metric == "cosine":
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -170,7 +170,7 @@ def routing_vectors(opts: ReportOptions, progress: Callable[..., Any] = _no_prog
 
     data = load_examples(opts.data, skip_bad_rows=opts.skip_bad_rows, limit=opts.limit)
     if opts.k >= len(data):
-        raise ValueError(f"--k: needs more than k={opts.k} samples, {opts.data} has {len(data)}")
+        raise ConfigError(f"--k: needs more than k={opts.k} samples, {opts.data} has {len(data)}")
     texts = [e.prompt for e in data.examples]
     embeddings = embed_texts(texts, opts.embedder, progress=progress("embeddings", len(texts)))
     tm = load_model(

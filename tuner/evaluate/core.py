@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from roma_vllm import __version__
+from roma_vllm.errors import MissingFileError
 from tuner.evaluate.inputs import resolve_inputs
 from tuner.evaluate.options import DEFAULT_TOLERANCE, VARIANTS, EvalOptions
 from tuner.evaluate.results import SampleScore, kind
@@ -158,7 +159,7 @@ def main(
     if check_against is not None:
         path = Path(check_against)
         if not path.is_file():
-            raise FileNotFoundError(f"--check-against {check_against}: no such file")
+            raise MissingFileError(f"--check-against {check_against}: no such file")
         other = json.loads(path.read_text())
     console = Console()
     with shared_bars() as progress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tuner.config import ConfigError
 from tuner.model.dtypes import DTYPES
 
 BACKENDS = ("vllm", "hf")
@@ -40,14 +41,14 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(
+            raise ConfigError(
                 f"--backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
             )
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"--dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"--dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not math.isfinite(self.scale):
-            raise ValueError(f"--scale: must be a finite number, got {self.scale}")
+            raise ConfigError(f"--scale: must be a finite number, got {self.scale}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device: must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"--device: must be auto, cpu or cuda, got {self.device!r}")
         if self.tolerance is not None and self.tolerance < 0:
-            raise ValueError(f"--tolerance: must be >= 0, got {self.tolerance}")
+            raise ConfigError(f"--tolerance: must be >= 0, got {self.tolerance}")

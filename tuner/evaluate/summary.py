@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tuner.config import ConfigError
 from tuner.evaluate.options import VARIANTS
 from tuner.evaluate.results import SampleScore
 
@@ -50,7 +51,7 @@ def compare(report: dict[str, Any], other: dict[str, Any], tolerance: float) -> 
     """
     a_samples, b_samples = report["samples"], other["samples"]
     if len(a_samples) != len(b_samples) or report["data_fingerprint"] != other["data_fingerprint"]:
-        raise ValueError(
+        raise ConfigError(
             f"--check-against: {other.get('data')!r} was evaluated on other data "
             f"({len(b_samples)} samples, fingerprint {other['data_fingerprint']}) than this run "
             f"({len(a_samples)}, {report['data_fingerprint']})"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from tuner.config import ConfigError
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -27,7 +29,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     if dtype not in TRAIN_DTYPES:
-        raise ValueError(f"--dtype: must be auto, {' or '.join(TRAIN_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"--dtype: must be auto, {' or '.join(TRAIN_DTYPES)}, got {dtype!r}")
     return dtype
 
 

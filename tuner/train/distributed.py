@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from tuner.config import ConfigError
+
 T = TypeVar("T")
 
 # Rank 0 alone computes embeddings and the prefix cache while the others wait.
@@ -83,7 +85,7 @@ def init(device: str = "auto") -> Dist:
     dev = "cpu"
     if cuda:
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available")
+            raise ConfigError(f"--device {device}: no CUDA device is available")
         torch.cuda.set_device(local)
         dev = f"cuda:{local}"
     if not td.is_initialized():
