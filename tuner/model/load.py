@@ -20,6 +20,7 @@ so the loss lives on one device.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,17 +42,20 @@ from roma_vllm.checkpoint import (
     safetensors_files,
 )
 from roma_vllm.deltas import fingerprint
+from roma_vllm.errors import RomaError
 from roma_vllm.hf import hf_parameter
+from tuner.config import ConfigError
 from tuner.model.dtypes import DTYPES, resolve_dtype
+from tuner.model.memory import plan_dtype
 
 DEFAULT_LAST_LAYERS = 5
 
 
-class DeviceMapError(ValueError):
+class DeviceMapError(RomaError, ValueError):
     """``--device-map`` could not keep every tuned router resident on a device."""
 
 
-class LayersError(ValueError):
+class LayersError(RomaError, ValueError):
     """``--layers`` names layers that have no router."""
 
 
@@ -155,7 +159,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
+        raise ConfigError(f"--device {device}: no CUDA device is available")
     return torch.device(device)
 
 
@@ -182,6 +186,7 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     train_routers: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> TunerModel:
     """Load ``model`` frozen, with float32 trainable routers on the ``layers`` to tune.
 
@@ -192,7 +197,9 @@ def load_model(
     ``dtype`` ``auto`` resolves to bfloat16 on CUDA and float32 on CPU (see
     :func:`resolve_dtype`; the result is ``TunerModel.dtype``). ``device_map`` (``auto``,
     ``balanced``, ``sequential``) spreads the model over every visible device instead of
-    moving it to ``device``.
+    moving it to ``device``. Before loading, the weights' size is checked against the
+    device's free memory (:func:`tuner.model.memory.plan_dtype`; ``echo`` hears when ``auto``
+    falls back to bfloat16 on CPU).
 
     Raises :class:`UnsupportedModelError` (no routers; names the architecture and the
     supported ones), :class:`LayersError` (``layers`` out of range) or
@@ -209,10 +216,19 @@ def load_model(
     tuned_names = [n for n, layer in routers.items() if layer in tuned_layers]
 
     dev = pick_device("auto" if device_map else device)
-    dtype = resolve_dtype(dtype, dev) if train_routers else dtype
-    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
-    if device_map:
-        kwargs["device_map"] = device_map
+    if train_routers:
+        resolve_dtype(dtype, dev)  # refuses dtypes the tuner does not train in
+    if not device_map:  # a device map spreads the model; accelerate checks what fits
+        dtype = plan_dtype(dtype, dev, ckpt, echo)
+    elif dtype == "auto":
+        dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[dtype],
+        "trust_remote_code": trust_remote_code,
+        # weights go straight from the files to their device, in the run's dtype: no full
+        # host copy first (under torchrun, each rank's own GPU)
+        "device_map": device_map or {"": dev},
+    }
     if dev.type == "cpu":
         kwargs["experts_implementation"] = "eager"  # batched_mm is ~70x slower on CPU
     cls = getattr(transformers, arch, None) if not trust_remote_code else None
@@ -224,8 +240,6 @@ def load_model(
     except TypeError:  # a model class without the experts_implementation switch
         kwargs.pop("experts_implementation", None)
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
-    if not device_map:
-        hf.to(dev)
     hf.eval()
     hf.requires_grad_(False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
