@@ -142,7 +142,13 @@ class Pipeline:
             self.val = load_examples(cfg.val, skip_bad_rows=cfg.skip_bad_rows, seed=cfg.seed)
             self.echo(f"validation: {len(self.val)} examples")
         self.tm: TunerModel = load_model(
-            cfg.model, cfg.layers, cfg.dtype, device, cfg.trust_remote_code, cfg.device_map
+            cfg.model,
+            cfg.layers,
+            cfg.dtype,
+            device,
+            cfg.trust_remote_code,
+            cfg.device_map,
+            echo=self.echo,
         )
         info = self.model_info()
         self.echo(
