@@ -146,8 +146,10 @@ def read_deltas(path: str | os.PathLike) -> RouterDeltas:
         raise DeltaError(f"{p}: no '{METADATA_KEY}' metadata; not a roma-vllm delta file")
     try:
         meta = json.loads(raw_meta)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DeltaError(f"{p}: metadata '{METADATA_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DeltaError(f"{p}: metadata '{METADATA_KEY}' is not a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DeltaError(
@@ -157,6 +159,7 @@ def read_deltas(path: str | os.PathLike) -> RouterDeltas:
     for key in ("architecture", "base_model", "base_fingerprints"):
         if key not in meta:
             raise DeltaError(f"{p}: metadata field '{key}' is missing")
+    _check_metadata_types(meta, str(p))
     deltas = RouterDeltas(
         tensors=tensors,
         architecture=meta["architecture"],
@@ -170,6 +173,22 @@ def read_deltas(path: str | os.PathLike) -> RouterDeltas:
     return deltas
 
 
+def _check_metadata_types(meta: dict[str, Any], where: str) -> None:
+    for key in ("architecture", "base_model"):
+        if not isinstance(meta[key], str):
+            raise DeltaError(f"{where}: metadata field '{key}' is not a string")
+    fps = meta["base_fingerprints"]
+    if not isinstance(fps, dict) or not all(isinstance(v, str) for v in fps.values()):
+        raise DeltaError(
+            f"{where}: metadata field 'base_fingerprints' is not an object of tensor name -> hash"
+        )
+    if not isinstance(meta.get("training", {}), dict):
+        raise DeltaError(f"{where}: metadata field 'training' is not an object")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def validate(deltas: RouterDeltas, where: str) -> None:
     """Names are routers of the declared architecture, values are finite float32."""
     if not deltas.tensors:
@@ -181,7 +200,7 @@ def validate(deltas: RouterDeltas, where: str) -> None:
                 f"{where}: tensor '{name}' is not a router of {deltas.architecture} "
                 f"(expected names matching {spec.pattern})"
             )
-        if not t.is_floating_point():
+        if t.dtype not in _FLOAT_DTYPES:
             raise DeltaError(f"{where}: tensor '{name}' has dtype {t.dtype}, expected float32")
         if not torch.isfinite(t).all():
             raise DeltaError(f"{where}: tensor '{name}' holds NaN or Inf values")

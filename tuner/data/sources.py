@@ -23,7 +23,6 @@ with ``skip_bad_rows=True`` bad rows are skipped and counted instead.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import string
@@ -33,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from roma_vllm.errors import RomaError
+from tuner.data.readers import Unparsable as _Unparsable
+from tuner.data.readers import csv_rows as _csv_rows
+from tuner.data.readers import json_rows as _json_rows
+from tuner.data.readers import jsonl_rows as _jsonl_rows
 
 LETTERS = string.ascii_uppercase[:10]  # A-J: at most 10 choices
 MIN_CHOICES, MAX_CHOICES = 2, 10
@@ -262,71 +265,6 @@ def _rows(spec: str) -> Iterator[tuple[str, Any]]:
             f"{spec}: unknown data format {suffix or '(no suffix)'}; use .jsonl, .json, .csv, "
             "hf:NAME[:CONFIG]:SPLIT or a datasets folder"
         )
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                # yield an unparsable marker so skip_bad_rows can count it
-                yield f"{path}:{n}", _Unparsable(f"not valid JSON ({e.msg})")
-                continue
-            yield f"{path}:{n}", row
-
-
-class _Unparsable(dict):
-    """A row that could not be decoded; parse_row reports it."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__()
-        self.reason = reason
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if isinstance(data, Mapping):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    # JSON arrays have no line per row; the position is the row number (1-based).
-    for n, row in enumerate(data, 1):
-        yield f"{path}:{n}", row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        choice_cols = _csv_choice_columns(fields)
-        line = reader.line_num
-        for raw in reader:
-            where = f"{path}:{line + 1}"
-            line = reader.line_num
-            row: dict[str, Any] = {k: v for k, v in raw.items() if k is not None and v != ""}
-            if choice_cols and not any(k in row for k in _CHOICES_KEYS):
-                row["choices"] = [raw[c] for c in choice_cols if raw.get(c, "") != ""]
-            yield where, row
-
-
-def _csv_choice_columns(fields: list[str]) -> list[str]:
-    for cols in (
-        [c for c in LETTERS if c in fields],
-        [f"choice{i}" for i in range(1, 11) if f"choice{i}" in fields],
-        [f"option_{c.lower()}" for c in LETTERS if f"option_{c.lower()}" in fields],
-    ):
-        if len(cols) >= MIN_CHOICES:
-            return cols
-    return []
 
 
 def _need_datasets(spec: str) -> Any:
