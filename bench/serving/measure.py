@@ -1,59 +1,19 @@
-"""Serving benchmark: ``--load-format roma`` against the base model, side by side.
-
-``python -m bench.serving`` (``make bench-serve``) measures, on a random MoE model large
-enough that compute dominates (OLMoE layout, hidden 512, 8 layers, 16 experts top-2, bf16):
-
-1. throughput: two engines stay up (base and roma, one process each); the same greedy
-   batch runs on each in turn, alternating which goes first (two sessions of fresh
-   processes, started in opposite orders); best of N rounds and the median of per-round
-   ratios (neighbours in time share the machine's load; this CPU is shared);
-2. load time: engines are started and stopped in one process, alternating base and roma:
-   engine start-up and model load (``get_model``: build the model, stream and merge the
-   weights, post-process them), and the loader's own work as it times it;
-3. load test: ``vllm serve`` base and ``vllm serve --load-format roma`` on loopback, both up;
-   rounds of many concurrent completions through the ``openai`` client, alternating;
-   requests completed, failed and throughput for each.
-
-The deltas roll every router by one expert: routing changes for nearly every token, but
-the experts' load is only relabelled, so the MoE compute is the same as the base model's
-and any difference is the plugin's. Results go to ``bench/results/serving.json`` and to the
-"## Serving" section of ``bench/README.md``.
-"""
+"""Measurement, base against roma: throughput on two live engines, engine start-up and model
+load time, and a load test through ``vllm serve``; every measure alternates the variants."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "serving.json"
-README = ROOT / "bench" / "README.md"
-SECTION = "## Serving"
-
-MODEL_CONFIG = dict(
-    hidden_size=512,
-    intermediate_size=512,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_experts=16,
-    num_experts_per_tok=2,
-)
-QUICK_CONFIG = dict(MODEL_CONFIG, num_hidden_layers=2, num_experts=8)
-DTYPE = "bfloat16"
-ENGINE = dict(dtype=DTYPE, enforce_eager=True, max_model_len=512, seed=0)
+from bench.serving.setup import DTYPE, engine_kwargs
 
 
 def compare(base: list[float], roma: list[float], higher_is_better: bool) -> dict:
@@ -79,15 +39,6 @@ def compare(base: list[float], roma: list[float], higher_is_better: bool) -> dic
 # -- engines in worker processes (throughput) ---------------------------------------------
 
 
-def _engine_kwargs(variant: dict) -> dict:
-    kwargs = dict(ENGINE, distributed_executor_backend="uni")
-    if variant.get("deltas"):
-        kwargs.update(
-            load_format="roma", model_loader_extra_config={"roma_deltas": variant["deltas"]}
-        )
-    return kwargs
-
-
 def _throughput_worker(
     conn: Any, model: str, variant: dict, prompts: list, max_tokens: int
 ) -> None:
@@ -95,7 +46,7 @@ def _throughput_worker(
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model, **_engine_kwargs(variant))
+    llm = LLM(model, **engine_kwargs(variant))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(batch[:2], params, use_tqdm=False)  # warm-up
@@ -202,7 +153,7 @@ def _load_time_worker(conn: Any, model: str, deltas: str, pairs: int) -> None:
             gc.collect()
             gc.freeze()
             t0, c0 = time.perf_counter(), time.process_time()
-            llm = LLM(model, **_engine_kwargs(variants[name]))
+            llm = LLM(model, **engine_kwargs(variants[name]))
             start, start_cpu = time.perf_counter() - t0, time.process_time() - c0
             del llm
             gc.collect()
@@ -328,187 +279,3 @@ def bench_load_test(
             [x[key] for x in runs["base"]], [x[key] for x in runs["roma"]], higher_is_better=True
         )
     return out
-
-
-# -- report -------------------------------------------------------------------------------
-
-
-def markdown(res: dict) -> str:
-    t, lt, ld = res["throughput"], res["load_time"], res["load_test"]
-    m, c = res["model"], res["model"]["config"]
-
-    def rows(measure: str, cmp: dict, target: str = "", digits: int = 3) -> list[str]:
-        b, m_ = cmp["best"], cmp["median"]
-        return [
-            f"| {measure}: median of {len(cmp['base'])} | {m_['base']:.{digits}g} | "
-            f"{m_['roma']:.{digits}g} | **{cmp['ratio_median']:.3f}** | {target} |",
-            f"| {measure}: best of {len(cmp['base'])} | {b['base']:.{digits}g} | "
-            f"{b['roma']:.{digits}g} | {cmp['ratio_best']:.3f} | |",
-        ]
-
-    batch = f"{t['batch']['prompts']} prompts x {t['batch']['max_tokens']} tokens"
-    load = (f"{ld['requests_per_round']} requests x {ld['rounds']} rounds, concurrency "
-            f"{ld['concurrency']}, {ld['max_tokens']} tokens")  # fmt: skip
-    lines = [
-        SECTION,
-        "",
-        f"`{res['command']}` on {res['machine']} ({res['date']}, {res['total_seconds']:.0f} s "
-        f"in all). Model: random {m['architecture']}, {m['parameters_m']}M parameters, "
-        f"{m['dtype']}, hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
-        f"{c['num_experts']} experts top-{c['num_experts_per_tok']}; deltas on every router "
-        f"(greedy outputs "
-        f"change: {t['routing_changed']}). Base and roma alternate round by round; the "
-        "ratio in bold is the median of the per-round roma / base ratios (each round's pair "
-        "ran back to back, under the same load); best-of-N rows show the fastest round of "
-        "each. Raw numbers: "
-        "[results/serving.json](results/serving.json).",
-        "",
-        "| measure | base | roma | ratio | target |",
-        "|---|---|---|---|---|",
-        *rows(f"throughput, `LLM.generate` ({batch}), tok/s", t["tokens_per_s"], ">= 0.99", 4),
-        *rows("throughput, tokens per CPU-s of the engine", t["tokens_per_cpu_s"], "", 4),
-        f"| loader's own work (read + check the deltas, merge them), ms: median of "
-        f"{len(lt['loader_own_work']['seconds'])} | | "
-        f"{1000 * lt['loader_own_work']['median_s']:.1f} | "
-        f"{100 * lt['loader_own_work']['fraction_of_base_model_load']:.2f} % of the base "
-        "model load | <= 2 % |",
-        *rows("model load (`get_model`: build, stream + merge, post-process), s",
-              lt["model_load_s"], "<= 1.02"),
-        *rows("engine start-up (`LLM(...)`, in-process), s", lt["engine_start_s"]),
-        f"| load test, `vllm serve` + openai ({load}): completed / failed | "
-        f"{ld['base']['completed']} / {ld['base']['failed']} | "
-        f"{ld['roma']['completed']} / {ld['roma']['failed']} | | 0 failed |",
-        *rows("load test, output tok/s", ld["output_tokens_per_s"], "", 4),
-        "",
-        "This machine's 2 cores are shared with other jobs, whose load swings single rounds by "
-        "up to 5x (CPU time too: the vCPUs themselves are contended); the paired median "
-        "absorbs most of that, best-of-N much less (it compares two single lucky rounds), and "
-        "repeated runs of this benchmark moved the paired throughput ratio by about 3 %. "
-        "Two figures do not depend on that noise. Steady state: the tests show that the "
-        "weights served with `--load-format roma` are exactly those of a checkpoint with the "
-        "deltas merged in (same router outputs, same tokens and logprobs), so the kernels run "
-        "the same work. Loading: the loader times its own work (reading the delta file, "
-        "checking names, shapes and fingerprints, one float32 add per router tensor), which "
-        "is the plugin's whole extra cost. Run it: `make bench-serve` (about 10 minutes; "
-        "`python -m bench.serving --quick` for a smoke run).",
-        "",
-    ]  # fmt: skip
-    return "\n".join(lines)
-
-
-def update_readme(text: str) -> None:
-    """Replace (or append) the "## Serving" section of bench/README.md, nothing else."""
-    old = README.read_text() if README.exists() else "# Benchmarks\n\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1 :] if nxt != -1 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    README.write_text(new)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small model, few rounds: smoke test")
-    ap.add_argument("--rounds", type=int, default=24, help="throughput rounds per variant")
-    ap.add_argument("--load-pairs", type=int, default=8, help="load-time starts per variant")
-    ap.add_argument("--requests", type=int, default=48, help="load-test requests per round")
-    ap.add_argument("--concurrency", type=int, default=16, help="load-test concurrent requests")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
-    ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
-    ap.add_argument(
-        "--from-json", type=Path, help="only rewrite bench/README.md from this results file"
-    )
-    args = ap.parse_args(argv)
-    if args.from_json:
-        update_readme(markdown(json.loads(args.from_json.read_text())))
-        return 0
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    import torch
-
-    from roma_vllm.checkpoint import checkpoint_shapes
-    from roma_vllm.testing.helpers import write_handmade_deltas
-    from roma_vllm.testing.tiny import build_tiny_model
-
-    config = QUICK_CONFIG if args.quick else MODEL_CONFIG
-    rounds, pairs, requests = (
-        (2, 1, 16) if args.quick else (args.rounds, args.load_pairs, args.requests)
-    )
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="roma-bench-") as tmp:
-        tmp_path = Path(tmp)
-        print("building the benchmark model ...", flush=True)
-        model = build_tiny_model(
-            tmp_path / "model", "OlmoeForCausalLM", dtype=torch.bfloat16, **config
-        )
-        deltas = str(write_handmade_deltas(model, tmp_path / "deltas.safetensors"))
-        n_params = sum(math.prod(s) for s in checkpoint_shapes(model).values())
-        phases: dict[str, float] = {"build": time.perf_counter() - t_start}
-        print("1/3 throughput ...", flush=True)
-        t0 = time.perf_counter()
-        throughput = bench_throughput(str(model), deltas, rounds, 8, 16)
-        phases["throughput"] = time.perf_counter() - t0
-        print("2/3 load time ...", flush=True)
-        t0 = time.perf_counter()
-        load_time = bench_load_time(str(model), deltas, pairs)
-        phases["load_time"] = time.perf_counter() - t0
-        print("3/3 load test ...", flush=True)
-        t0 = time.perf_counter()
-        load_rounds = 2 if args.quick else 4
-        load_test = bench_load_test(
-            str(model), deltas, load_rounds, requests, args.concurrency, 32, tmp_path
-        )
-        phases["load_test"] = time.perf_counter() - t0
-    import vllm
-
-    res = {
-        "command": "python -m bench.serving" + (" --quick" if args.quick else ""),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, vllm {vllm.__version__}",
-        "model": {
-            "architecture": "OlmoeForCausalLM",
-            "dtype": DTYPE,
-            "config": config,
-            "parameters_m": round(n_params / 1e6, 1),
-        },
-        "throughput": throughput,
-        "load_time": load_time,
-        "load_test": load_test,
-        "targets": {"throughput_ratio_min": 0.99, "load_overhead_max": 0.02, "failed": 0},
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    table = markdown(res)
-    if not args.no_readme:
-        update_readme(table)
-    print("\n" + table)
-    print(
-        f"throughput ratio {throughput['tokens_per_s']['ratio_median']:.3f} (median of "
-        f"{rounds} paired rounds; best-of-N {throughput['tokens_per_s']['ratio_best']:.3f}; "
-        f"target >= 0.99); model-load time ratio {load_time['model_load_s']['ratio_median']:.3f}"
-        f" (median of {pairs} pairs); loader's own work "
-        f"{1000 * load_time['loader_own_work']['median_s']:.1f} ms = "
-        f"{100 * load_time['loader_own_work']['fraction_of_base_model_load']:.2f} % of the base "
-        "model load (target <= 2 %); load test "
-        f"failed: base {load_test['base']['failed']}, roma {load_test['roma']['failed']}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
