@@ -33,6 +33,9 @@ def run_command(
     weight_decay: float = _opt("weight_decay", "--weight-decay"),
     epochs: int = _opt("epochs", "--epochs"),
     batch_size: int = _opt("batch_size", "--batch-size"),
+    micro_batch_size: int | None = _opt("micro_batch_size", "--micro-batch-size"),
+    max_length: int | None = _opt("max_length", "--max-length"),
+    deterministic: bool = _opt("deterministic", "--deterministic"),
     warmup: float = _opt("warmup", "--warmup"),
     refresh: str = _opt("refresh", "--refresh"),
     routing_vector: str = _opt("routing_vector", "--routing-vector"),
@@ -87,7 +90,9 @@ def _run(cfg: object, progress: bool) -> None:
 
     hf_logging.disable_progress_bar()  # our own bars cover loading; keep stderr readable
     console = Console(stderr=True)
-    result = run(cfg, Bars(progress, console), lambda msg: console.print(msg, markup=False))  # type: ignore[arg-type]
+    # soft_wrap: long lines (paths) are left to the terminal, so they stay copyable
+    echo = lambda msg: console.print(msg, markup=False, soft_wrap=True)  # noqa: E731
+    result = run(cfg, Bars(progress, console), echo)  # type: ignore[arg-type]
     if not is_main_process():  # under torchrun rank 0 reports
         return
     table = Table(title="roma-tune run")
@@ -109,6 +114,16 @@ def _run(cfg: object, progress: bool) -> None:
     out.print(f"train accuracy: {result.accuracy_before:.4f} -> {result.accuracy_after:.4f}")
     if result.val_before is not None:
         out.print(f"val accuracy:   {result.val_before:.4f} -> {result.val_after:.4f}")
+    served = result.served
+    if served and served.get("served_dtype") != "float32":
+        val = served.get("val_accuracy_served")
+        out.print(
+            f"served precision ({served['served_dtype']} routers, as vLLM holds them): train "
+            f"{served['train_accuracy_served']:.4f}"
+            + (f", val {val:.4f}" if val is not None else "")
+        )
+    if result.truncated:
+        out.print(f"prompts cut by --max-length: {result.truncated}")
     if result.reused:
         out.print(f"reused from cache: {', '.join(result.reused)}")
     out.print(f"deltas: {result.deltas}")
