@@ -29,7 +29,7 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 LAYERS_RE = re.compile(r"all|last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 # Fields that do not change what a run computes, left out of the hash that keys its caches.
-_NOT_HASHED = {"out", "resume", "overwrite", "device", "device_map"}
+_NOT_HASHED = {"out", "resume", "overwrite", "device", "device_map", "micro_batch_size"}
 
 
 class ConfigError(RomaError, ValueError):
@@ -83,6 +83,22 @@ class TuneConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     epochs: int = _f(3, "Training epochs.")
     batch_size: int = _f(32, "Samples per optimiser step.")
+    micro_batch_size: int | None = _f(
+        None,
+        "Samples per forward/backward pass (default: the whole --batch-size). Gradients "
+        "accumulate over micro-batches, so the update is the same (within float rounding) "
+        "with less memory.",
+    )
+    max_length: int | None = _f(
+        None,
+        "Cut prompts from the left so each sequence (prompt + longest choice or completion) "
+        "fits in N tokens; the number of rows cut is reported and recorded.",
+    )
+    deterministic: bool = _f(
+        False,
+        "Use torch's deterministic algorithms (same seed, same deltas on CUDA too; slower). "
+        "Without it CUDA runs agree to float tolerance only.",
+    )
     warmup: float = _f(0.1, "Fraction of steps over which lr and lambda rise linearly from 0.")
     refresh: str = _f(
         "epoch",
@@ -184,6 +200,16 @@ class TuneConfig:
         need(self.weight_decay >= 0, "--weight-decay", f"must be >= 0, got {self.weight_decay}")
         need(self.epochs >= 1, "--epochs", f"must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, "--batch-size", f"must be at least 1, got {self.batch_size}")
+        need(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            "--micro-batch-size",
+            f"must be at least 1, got {self.micro_batch_size}",
+        )
+        need(
+            self.max_length is None or self.max_length >= 2,
+            "--max-length",
+            f"must be at least 2, got {self.max_length}",
+        )
         need(0 <= self.warmup < 1, "--warmup", f"must be a fraction in [0, 1), got {self.warmup}")
         need(
             self.limit is None or self.limit >= 1,

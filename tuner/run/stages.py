@@ -22,6 +22,7 @@ from roma_vllm.errors import RomaError
 from tuner.config import ConfigError, TuneConfig
 from tuner.data.prompts import Encoded, encode
 from tuner.data.sources import Dataset, load_examples
+from tuner.data.truncate import truncate_prompts
 from tuner.export.deltas import CONFIG_FILENAME, LOG_FILENAME, export_deltas, write_json, write_log
 from tuner.model.frozen_cache import PrefixCache
 from tuner.model.load import TunerModel, load_model
@@ -31,6 +32,7 @@ from tuner.roma.neighbours import Neighbours, find_neighbours
 from tuner.roma.snapshot import Snapshot
 from tuner.run import record
 from tuner.run.ranks import on_main, split_snapshot
+from tuner.run.served import served_accuracy
 from tuner.run.stage_cache import StageCache, stage_keys
 from tuner.run.workdir import (
     CheckpointPlan,
@@ -47,6 +49,7 @@ from tuner.train.distributed import (
     launched_world_size,
     shutdown,
 )
+from tuner.train.determinism import deterministic
 from tuner.train.loop import EpochRecord, train
 
 
@@ -64,6 +67,8 @@ class RunResult:
     val_after: float | None
     history: list[EpochRecord]
     reused: list[str] = field(default_factory=list)  # stages taken from the cache
+    served: dict[str, Any] = field(default_factory=dict)  # accuracy with routers as served
+    truncated: int = 0  # training prompts cut by --max-length
 
 
 class Pipeline:
@@ -166,6 +171,7 @@ class Pipeline:
             if self.val
             else None
         )
+        self.truncated = self._truncate()
         self.keys = stage_keys(
             cfg, self.tm.fingerprint, self.data.fingerprint, self.tm.layers, self.tm.dtype
         )
@@ -202,11 +208,26 @@ class Pipeline:
             self.echo(note)
         return plan
 
+    def _truncate(self) -> int:
+        """``--max-length``: cut prompts from the left; the number of training rows cut."""
+        if self.cfg.max_length is None:
+            return 0
+        n, bos = self.cfg.max_length, self.tm.tokenizer.bos_token_id
+        self.encoded, cut = truncate_prompts(self.encoded, n, bos)
+        val_cut = 0
+        if self.val_encoded is not None:
+            self.val_encoded, val_cut = truncate_prompts(self.val_encoded, n, bos)
+        self.echo(f"--max-length {n}: prompts cut from the left: {cut} training, {val_cut} val")
+        return cut
+
     def model_info(self) -> dict[str, Any]:
         return record.model_info(self.tm, self.dist.world_size)
 
     def _data_info(self) -> dict[str, Any]:
-        return record.data_info(self.data, self.val)
+        info = record.data_info(self.data, self.val)
+        if self.cfg.max_length is not None:
+            info["truncated_rows"] = self.truncated
+        return info
 
     def embeddings(self) -> np.ndarray:
         """Task embeddings of the training prompts (rank 0 computes, every rank gets them)."""
@@ -264,7 +285,14 @@ class Pipeline:
         under torchrun; every rank gets the whole snapshot)."""
         cfg = self.cfg
         return split_snapshot(
-            self.tm, encoded, cfg.batch_size, prefix, cfg.routing_vector, self.dist, self.bars, name
+            self.tm,
+            encoded,
+            cfg.micro_batch_size or cfg.batch_size,
+            prefix,
+            cfg.routing_vector,
+            self.dist,
+            self.bars,
+            name,
         )
 
     def snapshot(self, prefix: PrefixCache | None) -> Snapshot:
@@ -319,7 +347,8 @@ class Pipeline:
     # ------------------------------------------------------------------ all
     def run(self, on_epoch_end: Callable[[int], None] | None = None) -> RunResult:
         try:
-            return self._run(on_epoch_end)
+            with deterministic(self.cfg.deterministic):
+                return self._run(on_epoch_end)
         finally:
             self.lock.release()
             shutdown(self.dist)
@@ -371,6 +400,15 @@ class Pipeline:
             "val_accuracy_before": val_before,
             "val_accuracy_after": val_after,
         }
+        val_enc = self.val_encoded
+        accuracy.update(
+            served_accuracy(
+                self.tm,
+                lambda what: self.measure(self.encoded, what, prefix),
+                (lambda what: self.measure(val_enc, what)) if val_enc else None,
+                accuracy,
+            )
+        )
         deltas = self.run_dir / DELTAS_FILENAME
         if self.dist.is_main:
             training = record.training_record(
@@ -395,4 +433,6 @@ class Pipeline:
             val_after,
             result.history,
             list(self.reused),
+            served={k: v for k, v in accuracy.items() if "served" in k},
+            truncated=self.truncated,
         )

@@ -104,6 +104,14 @@ def train_step(
     return terms, scored
 
 
+def _micro(indices: list[int], size: int | None) -> list[list[int]]:
+    """``indices`` in consecutive micro-batches of at most ``size`` (None: one)."""
+    if not indices:
+        return []
+    step = size or len(indices)
+    return [indices[i : i + step] for i in range(0, len(indices), step)]
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
@@ -180,11 +188,12 @@ def train(
                     opt.zero_grad(set_to_none=True)
                     # loss, task, manifold (sums over this rank's samples), correct, samples
                     stats = torch.zeros(5, dtype=torch.float64)
-                    if mine:
-                        batch = collate(encoded, mine, pad)
+                    # micro-batches accumulate the gradient of the same global-batch mean
+                    for part in _micro(mine, cfg.micro_batch_size):
+                        batch = collate(encoded, part, pad)
                         states = prefix.states(batch).to(tm.device) if prefix is not None else None
                         batch.to(tm.device)
-                        targets, weights = neighbours.targets(snapshot.routing, mine)
+                        targets, weights = neighbours.targets(snapshot.routing, part)
                         terms, scored = train_step(
                             tm,
                             batch,
@@ -193,10 +202,10 @@ def train(
                             lam,
                             capture,
                             states,
-                            scale=len(mine) / len(idx),
+                            scale=len(part) / len(idx),
                         )
-                        n = len(mine)
-                        stats = torch.tensor(
+                        n = len(part)
+                        stats += torch.tensor(
                             [
                                 float(terms.total.detach()) * n,
                                 float(terms.task) * n,
