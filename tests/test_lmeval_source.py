@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval is installed by `make setup` (extra lm-eval)")
 
+from tuner_fixtures import tiny_dir  # noqa: E402, F401
+
 from tuner.data.prompts import EncodeError, encode  # noqa: E402
 from tuner.data.rendered import pair_ids  # noqa: E402
 from tuner.data.sources import DataError, Example, load_examples  # noqa: E402
@@ -207,13 +209,65 @@ def test_gsm8k_becomes_free_form(tmp_path: Path) -> None:
     )
 
 
-def test_winogrande_is_refused_in_one_line(tmp_path: Path) -> None:
-    rows = [{"sentence": "The trophy did not fit in the case because _ was big.",
-             "option1": "trophy", "option2": "case", "answer": "1"}]  # fmt: skip
-    data = _parquet(tmp_path / "w.parquet", rows)
-    with pytest.raises(DataError, match=r"task winogrande has one context per choice") as e:
-        load_examples(f"lm-eval:winogrande:validation={data}")
-    assert "\n" not in str(e.value)
+WINO = [
+    {"sentence": "The trophy did not fit in the case because _ was too big.",
+     "option1": "trophy", "option2": "case", "answer": "1"},
+    {"sentence": "Sam gave Bo a book since _ liked reading.", "option1": "Sam",
+     "option2": "Bo", "answer": "2"},
+]  # fmt: skip
+
+
+def test_winogrande_multiple_input(tmp_path: Path) -> None:
+    data = _parquet(tmp_path / "w.parquet", WINO)
+    a, b = _one(f"lm-eval:winogrande:validation={data}")
+    # one context per option (the sentence up to "_" + option), one shared continuation
+    contexts = ["The trophy did not fit in the case because trophy",
+                "The trophy did not fit in the case because case"]  # fmt: skip
+    assert (a.choices, a.continuation, a.answer, a.prompt) == (
+        tuple(contexts),
+        " was too big.",
+        0,
+        contexts[0],
+    )
+    assert (b.choices, b.continuation, b.answer) == (
+        ("Sam gave Bo a book since Sam", "Sam gave Bo a book since Bo"),
+        " liked reading.",
+        1,
+    )
+    assert b.prompt == "Sam gave Bo a book since Bo"  # the gold context: routed there
+
+
+def test_multiple_input_scores_equal_a_plain_forward(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Each choice's context + the shared continuation, scored in one padded batch, equals a
+    plain transformers forward per choice; the routed position is the gold context's end."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuner.evaluate.backends.hf import load_eval_model, score_hf
+    from tuner.model.forward import collate
+
+    examples = _one(f"lm-eval:winogrande:validation={_parquet(tmp_path / 'w.parquet', WINO)}")
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    encoded = encode(examples, tok, "loglik")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    for ex, enc in zip(examples, encoded, strict=True):
+        assert enc.prompts is not None and enc.prompt_ids == enc.prompts[ex.answer]
+        for j, context in enumerate(ex.choices or ()):
+            assert (enc.prompts[j], enc.continuations[j]) == pair_ids(tok, context, ex.continuation)
+    batch = collate(encoded, [0, 1], pad_id=0)
+    width = batch.input_ids.shape[1]
+    for s, enc in enumerate(encoded):
+        row = 2 * s + enc.label  # rows: sample 0's two choices, then sample 1's
+        assert batch.last[s] == row * width + len(enc.prompt_ids) - 1
+    tm = load_eval_model(tiny_dir, "float32")
+    scores = score_hf(tiny_dir, encoded, dtype="float32", deltas=None, pad_id=0, model=tm)
+    for enc, got in zip(encoded, scores, strict=True):
+        want = []
+        for p, c in zip(enc.prompts or [], enc.continuations or [], strict=True):
+            with torch.no_grad():
+                logp = model(torch.tensor([p + c])).logits[0].log_softmax(-1)
+            want.append(sum(logp[len(p) - 1 + t, tid].item() for t, tid in enumerate(c)))
+        assert got.scores == pytest.approx(want, abs=1e-4)
 
 
 # ------------------------------------------------------------------ specs and errors

@@ -24,7 +24,10 @@ scored by log-likelihood only (``--scoring loglik``), tokenised as lm-eval does
 the context as prompt and ``target_delimiter + doc_to_target`` (the full reference answer)
 as completion; it trains the tuner, but ``roma-tune eval`` counts it correct only when
 greedy decoding reproduces that answer exactly, not with lm-eval's answer extraction.
-Multiple-input tasks (WinoGrande: one context per choice) are refused with one line.
+Multiple-input tasks (WinoGrande: ``doc_to_text`` gives the gold index, ``doc_to_choice`` one
+context per option, ``doc_to_target`` the continuation they share) give rows whose choices are
+the contexts, all scored on the shared continuation (``target_delimiter + doc_to_target``);
+the routing vector of such a row is read at the last token of the gold option's context.
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ def doc_example(task: Any, doc: Any, where: str, name: str) -> Example:
         choices = task.doc_to_choice(doc)
         requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(name, 0, 1))
         gold = _gold(task, doc, choices, where)
+        shared = None
+        if task.multiple_input:  # one context per choice, one continuation for all
+            shared = delim + str(task.doc_to_target(doc))
+            choices = ctx
     except DataError:
         raise
     except Exception as e:  # lm-eval's functions on a malformed document
@@ -121,19 +128,25 @@ def doc_example(task: Any, doc: Any, where: str, name: str) -> Example:
         if not isinstance(c, str) or not c:
             raise DataError(f"{where}: doc_to_choice: choice {i} is {c!r}, expected a string")
     args = [r.arguments for r in (requests if isinstance(requests, list) else [requests])]
-    if [tuple(a[:2]) for a in args[: len(choices)]] != [(ctx, delim + c) for c in choices]:
+    if shared is not None:
+        want = [(c, shared) for c in choices]
+        prompt = choices[gold]
+    else:
+        want = [(ctx, delim + c) for c in choices]
+        prompt = ctx
+    if [tuple(a[:2]) for a in args[: len(choices)]] != want:
         raise DataError(
             f"{where}: the task's requests are not (context, target_delimiter + choice); "
             "its construct_requests is not supported"
         )
-    if not isinstance(ctx, str) or not ctx:
+    if not isinstance(prompt, str) or not prompt:
         raise DataError(f"{where}: empty context (doc_to_text)")
-    return Example(ctx, tuple(choices), gold, None, name, where, target_delimiter=delim)
+    return Example(prompt, tuple(choices), gold, None, name, where, delim, continuation=shared)
 
 
 def _gold(task: Any, doc: Any, choices: list[str], where: str) -> int:
     """The index lm-eval scores against (``process_results`` of multiple_choice tasks)."""
-    gold = task.doc_to_target(doc)
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
     if isinstance(gold, list):
         if len(gold) != 1:
             raise DataError(f"{where}: {len(gold)} gold answers; one per row is supported")
@@ -157,11 +170,6 @@ def _check_task(task: Any, name: str, spec: str) -> None:
         raise DataError(
             f"{spec}: task {name} is a {output} task; lm-eval tasks of type "
             f"{' or '.join(SUPPORTED_OUTPUTS)} are supported"
-        )
-    if getattr(task, "multiple_input", 0):
-        raise DataError(
-            f"{spec}: task {name} has one context per choice (multiple input, as WinoGrande); "
-            "such tasks are not supported"
         )
 
 

@@ -33,6 +33,8 @@ def row_view(
         view["answer"] = ex.answer
         if scoring == "letter" and not ex.rendered:
             view["scored"] = list(LETTERS[: len(choices)])
+        elif ex.continuation is not None:  # multiple input: each context, one continuation
+            view["scored"] = [ex.continuation] * len(choices)
         else:
             sep = ex.target_delimiter if ex.rendered else " "
             view["scored"] = [f"{sep}{c}" for c in choices]

@@ -49,6 +49,14 @@ class Encoded:
     continuations: list[list[int]] | None  # multi-token loglik: each choice's ids after the prompt
     target_ids: list[int] | None  # free-form completion ids
     label: int | None  # index of the correct choice
+    # Multiple-input samples (lm-eval's WinoGrande): one prompt per choice, each followed by
+    # its continuation; ``prompt_ids`` is then the gold choice's prompt (whose last token is
+    # routed), and row ``j`` is ``prompts[j] + continuations[j]``.
+    prompts: list[list[int]] | None = None
+
+    def prompt_len(self, row: int = 0) -> int:
+        """Length of the prompt of row ``row`` (the scored continuation starts after it)."""
+        return len(self.prompts[row]) if self.prompts is not None else len(self.prompt_ids)
 
     @property
     def num_rows(self) -> int:
@@ -60,6 +68,9 @@ class Encoded:
         """Longest sequence this example puts in a batch."""
         extra = 0
         if self.continuations is not None:
+            if self.prompts is not None:
+                pairs = zip(self.prompts, self.continuations, strict=True)
+                return max(len(p) + len(c) for p, c in pairs)
             extra = max(len(c) for c in self.continuations)
         elif self.target_ids is not None:
             extra = len(self.target_ids)

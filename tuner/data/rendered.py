@@ -14,7 +14,9 @@ Choices are scored as continuations ``target_delimiter + choice`` (``--scoring l
 ``letter`` does not apply: the prompt is lm-eval's, with no lettered list); when every
 continuation is one distinct token the sample takes one forward pass, as other loglik rows.
 The routing vector is read at the context's last token. Free-form rows (``generate_until``
-tasks) use the completion (delimiter included) as the continuation.
+tasks) use the completion (delimiter included) as the continuation. Multiple-input rows
+(WinoGrande) pair each choice's context with the shared continuation; their routing vector
+is read at the last token of the gold choice's context.
 """
 
 from __future__ import annotations
@@ -56,13 +58,19 @@ def encode_rendered(
             f"{ex.source}: lm-eval rows are scored by log-likelihood as lm-eval scores them; "
             "use --scoring loglik"
         )
-    pairs = [pair_ids(tokenizer, ex.prompt, delim + c) for c in ex.choices or ()]
-    ctx = pairs[0][0]
+    if ex.continuation is not None:  # multiple input: the choices are the contexts
+        pairs = [pair_ids(tokenizer, c, ex.continuation) for c in ex.choices or ()]
+    else:
+        pairs = [pair_ids(tokenizer, ex.prompt, delim + c) for c in ex.choices or ()]
     conts = [c for _, c in pairs]
-    if not ctx:
+    if any(not p for p, _ in pairs):
         raise EncodeError(f"{ex.source}: the prompt encodes to no tokens")
     if any(not c for c in conts):
         raise EncodeError(f"{ex.source}: field 'choices': a choice encodes to no tokens")
+    if ex.continuation is not None:
+        prompts = [p for p, _ in pairs]
+        return Encoded(prompts[ex.answer or 0], None, conts, None, ex.answer, prompts=prompts)
+    ctx = pairs[0][0]
     if all(len(c) == 1 for c in conts) and len({c[0] for c in conts}) == len(conts):
         return Encoded(ctx, [c[0] for c in conts], None, None, ex.answer)
     return Encoded(ctx, None, conts, None, ex.answer)

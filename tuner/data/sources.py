@@ -64,6 +64,9 @@ class Example:
     # context text (no template applied), choice ``c`` is scored as the continuation
     # ``target_delimiter + c`` and ``completion`` already starts with the delimiter.
     target_delimiter: str | None = None
+    # Multiple-input rows (lm-eval's WinoGrande): the one continuation every choice is scored
+    # on; ``choices`` are then the per-choice contexts and ``prompt`` the gold one.
+    continuation: str | None = None
 
     @property
     def is_choice(self) -> bool:
@@ -101,6 +104,8 @@ def fingerprint_examples(examples: list[Example]) -> str:
         row = [e.prompt, list(e.choices) if e.choices else None, e.answer, e.completion, e.task]
         if e.target_delimiter is not None:  # only then, so older fingerprints stay valid
             row.append(e.target_delimiter)
+        if e.continuation is not None:
+            row.append(e.continuation)
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]

@@ -60,9 +60,9 @@ def last_prompt_positions(batch: Any, encoded: Sequence[Any]) -> tuple[torch.Ten
     """(flat index of the last prompt token in every row, the row's sample in the batch)."""
     width = batch.input_ids.shape[1]
     flat, owner = [], []
-    for r, (s, _j) in enumerate(batch.rows):
+    for r, (s, j) in enumerate(batch.rows):
         off = width - batch.row_lengths[r] if batch.left_padded else 0
-        flat.append(r * width + off + len(encoded[batch.indices[s]].prompt_ids) - 1)
+        flat.append(r * width + off + encoded[batch.indices[s]].prompt_len(j) - 1)
         owner.append(s)
     return torch.tensor(flat), torch.tensor(owner)
 

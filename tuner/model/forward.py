@@ -74,6 +74,8 @@ class Outputs:
 
 def _rows_of(e: Encoded) -> list[list[int]]:
     if e.continuations is not None:
+        if e.prompts is not None:  # multiple input: one prompt per choice
+            return [p + c for p, c in zip(e.prompts, e.continuations, strict=True)]
         return [e.prompt_ids + c for c in e.continuations]
     if e.target_ids is not None:
         return [e.prompt_ids + e.target_ids]
@@ -117,7 +119,11 @@ def collate(
         r0 = first_row[s]
         base = r0 * width + offsets[r0]
         n_prompt = len(e.prompt_ids)
-        last.append(base + n_prompt - 1)
+        if e.prompts is not None:  # multiple input: routed at the gold choice's prompt
+            rg = r0 + (e.label or 0)
+            last.append(rg * width + offsets[rg] + n_prompt - 1)
+        else:
+            last.append(base + n_prompt - 1)
         labels.append(-1 if e.label is None else e.label)
         is_free.append(e.target_ids is not None)
         if e.option_ids is not None:
@@ -130,7 +136,7 @@ def collate(
             for c, cont in enumerate(e.continuations):
                 rb = (r0 + c) * width + offsets[r0 + c]
                 for t, tid in enumerate(cont):
-                    tok_flat.append(rb + n_prompt - 1 + t)
+                    tok_flat.append(rb + e.prompt_len(c) - 1 + t)
                     tok_target.append(tid)
                     tok_slot.append(s * cmax + c)
                     tok_sample.append(s)

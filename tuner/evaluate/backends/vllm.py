@@ -113,8 +113,9 @@ def _requests(encoded: Sequence[Encoded]) -> tuple[list[Any], list[Any]]:
                 )
             )
         elif e.continuations is not None:
-            for cont in e.continuations:
-                prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids) + list(cont)))
+            for j, cont in enumerate(e.continuations):
+                prompt = e.prompts[j] if e.prompts is not None else e.prompt_ids  # multi-input
+                prompts.append(TokensPrompt(prompt_token_ids=list(prompt) + list(cont)))
                 params.append(
                     SamplingParams(
                         max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
@@ -161,8 +162,10 @@ def score_outputs(encoded: Sequence[Encoded], outputs: Sequence[Any]) -> list[Sa
             step = next(it).outputs[0].logprobs[0]
             results.append(choose([step[t].logprob for t in e.option_ids], e.label))
         elif e.continuations is not None:
-            n = len(e.prompt_ids)
-            sums = [_continuation_logprob(next(it), n, cont) for cont in e.continuations]
+            sums = [
+                _continuation_logprob(next(it), e.prompt_len(j), cont)
+                for j, cont in enumerate(e.continuations)
+            ]
             results.append(choose(sums, e.label))
         else:
             results.append(_free_form(next(it), e.target_ids or []))
