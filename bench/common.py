@@ -9,6 +9,7 @@ half-way never leaves a truncated JSON or README behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,8 @@ import re
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -138,6 +141,44 @@ def run_logged(args: list[str], log: Path) -> None:
         proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"command failed (exit {proc.returncode}), see {log}: {' '.join(args)}")
+
+
+# -- vLLM load timing ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def vllm_load_timers() -> Iterator[dict[str, list]]:
+    """Time model loading inside an in-process vLLM engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    while active: ``["get_model"]`` gets the (wall, CPU) seconds of every ``get_model`` call of
+    vLLM's CPU model runner (build the model, stream and merge the weights, post-process),
+    ``["loader_own"]`` the roma loader's own work (seconds) of every ``--load-format roma``
+    load, as it times it itself. The patched functions are restored on exit."""
+    import vllm.v1.worker.cpu_model_runner as runner
+
+    from roma_vllm.loader import RomaModelLoader
+
+    timers: dict[str, list] = {"get_model": [], "loader_own": []}
+    real_get_model, real_load_model = runner.get_model, RomaModelLoader.load_model
+
+    def timed_get_model(*args: Any, **kwargs: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return real_get_model(*args, **kwargs)
+        finally:
+            timers["get_model"].append((time.perf_counter() - t0, time.process_time() - c0))
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        model = real_load_model(self, *args, **kwargs)
+        timers["loader_own"].append(self.overhead_seconds)
+        return model
+
+    runner.get_model = timed_get_model
+    RomaModelLoader.load_model = load_model  # type: ignore[method-assign]
+    try:
+        yield timers
+    finally:
+        runner.get_model = real_get_model
+        RomaModelLoader.load_model = real_load_model  # type: ignore[method-assign]
 
 
 # -- statistics ----------------------------------------------------------------------------

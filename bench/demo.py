@@ -11,11 +11,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "bench" / "models" / "demo-olmoe"
-DATA = ROOT / "bench" / "data" / "demo"
+from bench.common import DEMO_DATA as DATA
+from bench.common import DEMO_MODEL as MODEL
+from bench.common import ROOT, TUNE
+
 OUT = ROOT / "demo-output"
 # Chosen on the validation split by `make table1`'s search (bench/results/table1.json):
 # router tuning's best lr 1e-3, then lambda 0.3 and 3 epochs (val 49.8% -> 61.2%).
@@ -30,12 +30,11 @@ def _run(args: list[str]) -> None:
 def main() -> int:
     """Run the demo; returns the process exit code."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    tune = str(Path(sys.executable).parent / "roma-tune")
     start = time.perf_counter()
     # Settings for this 3.5M-parameter model: the paper's lr 7e-5 is for 7B models.
     _run(
         [
-            tune,
+            TUNE,
             "run",
             "--model",
             str(MODEL),
@@ -52,7 +51,7 @@ def main() -> int:
     )
     _run(
         [
-            tune,
+            TUNE,
             "eval",
             "--model",
             str(MODEL),

@@ -19,7 +19,6 @@ investigation continues where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,17 @@ from typing import Any
 
 import typer
 
-from bench.table1 import ROOT, mean_std, paired_interval, tune
+from bench.common import (
+    DEMO_DATA,
+    DEMO_MODEL,
+    RESULTS,
+    ROOT,
+    mean_std,
+    paired_interval,
+    write_json,
+    write_text,
+)
+from bench.table1 import tune
 
 app = typer.Typer(add_completion=False)
 
@@ -77,7 +86,7 @@ EXTRA_MODELS: dict[str, dict[str, Any]] = {
 
 def build_models(work: Path, data: Path, needed: set[str]) -> dict[str, str]:
     """Checkpoint folder of every model in ``needed`` (``demo`` is the shipped one)."""
-    models = {"demo": str(ROOT / "bench/models/demo-olmoe")}
+    models = {"demo": str(DEMO_MODEL)}
     for name in sorted(needed - {"demo"}):
         path = work / "models" / name
         models[name] = str(path)
@@ -244,14 +253,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 @app.command()
 def main(
-    data: Path = typer.Option(ROOT / "bench/data/demo", help="Folder with train/val.jsonl."),
+    data: Path = typer.Option(DEMO_DATA, help="Folder with train/val.jsonl."),
     seeds: str = typer.Option("0,1,2", help="Seeds (comma-separated)."),
     lr: float = typer.Option(1e-3, help="Learning rate of every run (Table 1's choice)."),
     lam: float = typer.Option(0.3, "--lambda", help="RoMA's lambda where a variant keeps it."),
     epochs: int = typer.Option(3, help="Epochs per run."),
     only: str = typer.Option("", help="Comma-separated variant names (default: all)."),
     jobs: int = typer.Option(2, help="Runs in parallel (one CPU thread each)."),
-    out: Path = typer.Option(ROOT / "bench/results", help="Where results go."),
+    out: Path = typer.Option(RESULTS, help="Where results go."),
     work: Path = typer.Option(ROOT / "runs/investigate", help="Scratch folder for runs."),
 ) -> None:
     """Run the variants and the transplant diagnostics; write investigation.md/json/png."""
@@ -285,8 +294,8 @@ def main(
         "run_minutes": sum(sum(r["timings"].values()) for r in records.values()) / 60,
         "minutes": (time.perf_counter() - start) / 60,
     }
-    (out / "investigation.json").write_text(json.dumps(record, indent=2))
-    (out / "investigation.md").write_text(markdown(record))
+    write_json(out / "investigation.json", record)
+    write_text(out / "investigation.md", markdown(record))
     plot(record, out / "investigation.png")
     print((out / "investigation.md").read_text())
 

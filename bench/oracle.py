@@ -11,7 +11,6 @@ and the ceiling RoMA can approach.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import torch
 import typer
 from rich.progress import track
+
+from bench.common import write_json
 
 app = typer.Typer(add_completion=False)
 
@@ -123,7 +124,7 @@ def main(
     result = oracle_accuracy(model, data, scoring, layers, steps, lr, limit)
     print(f"base {result['base']:.3f}  oracle {result['oracle']:.3f}  (n={result['n']})")
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
+        write_json(Path(json_out), result)
 
 
 if __name__ == "__main__":

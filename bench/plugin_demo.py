@@ -20,37 +20,27 @@ PROMPTS = ["the cat is on the", "Question: what is 2 + 3? Answer:", "red green b
 
 
 def expert_choice(model_dir: Path, deltas: Any, prompt: str) -> dict[str, list[list[int]]]:
-    """Top-k experts of the prompt's last token in every tuned layer (transformers, fp32)."""
+    """Top-k experts of the prompt's last token in every layer the deltas change, before and
+    after applying them (transformers, float32; loaded and captured by the tuner's code)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from roma_vllm.hf import apply_deltas, hf_parameter
+    from roma_vllm.hf import apply_deltas
+    from tuner.model.load import load_model
+    from tuner.model.routing import RoutingCapture
 
-    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir)(prompt)["input_ids"]])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    names = sorted(deltas.tensors, key=lambda n: int(n.split(".")[2]))
-    k = model.config.num_experts_per_tok
+    layers = ",".join(str(layer) for layer in deltas.layers)
+    tm = load_model(str(model_dir), layers, dtype="float32", device="cpu", train_routers=False)
+    ids = torch.tensor([tm.tokenizer(prompt)["input_ids"]])
+    k = tm.model.config.num_experts_per_tok
 
     def route() -> list[list[int]]:
-        weights = [hf_parameter(model, n) for n in names]
-        chosen: dict[int, list[int]] = {}
-        hooks = []
-        for i, w in enumerate(weights):  # each router's input, last token, its own weights
-
-            def hook(_module: Any, args: tuple, i: int = i, w: Any = w) -> None:
-                x = args[0].reshape(-1, w.shape[1])[-1]
-                chosen.setdefault(i, sorted((w @ x).topk(k).indices.tolist()))
-
-            owner = next(m for m in model.modules() if any(p is w for p in m.parameters(False)))
-            hooks.append(owner.register_forward_pre_hook(hook))
-        with torch.no_grad():
-            model(ids)
-        for h in hooks:
-            h.remove()
-        return [chosen[i] for i in range(len(names))]
+        with RoutingCapture(tm) as capture, torch.no_grad():
+            capture.positions = torch.tensor([ids.shape[1] - 1])
+            tm.model(ids)
+            return [sorted(capture.logits[n][0].topk(k).indices.tolist()) for n in tm.layers]
 
     base = route()
-    apply_deltas(model, deltas)
+    apply_deltas(tm.model, deltas)
     return {"base": base, "roma": route()}
 
 

@@ -16,32 +16,28 @@ Outputs in ``--out`` (default ``bench/results``): ``table1.md``, ``table1.json``
 from __future__ import annotations
 
 import json
-import math
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-ROOT = Path(__file__).resolve().parent.parent
-TUNE = str(Path(sys.executable).parent / "roma-tune")
+from bench.common import (
+    DEMO_DATA,
+    DEMO_MODEL,
+    RESULTS,
+    ROOT,
+    TUNE,
+    mean_std,
+    paired_interval,
+    run_logged,
+    write_json,
+    write_text,
+)
+
 CONDITIONS = ("base", "router tuning", "RoMA", "oracle")
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 app = typer.Typer(add_completion=False)
-
-
-def _run(args: list[str], log: Path) -> None:
-    with log.open("a") as f:
-        f.write("$ " + " ".join(args) + "\n")
-        f.flush()
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"command failed (exit {proc.returncode}), see {log}: {' '.join(args)}")
 
 
 def tune(
@@ -55,7 +51,7 @@ def tune(
     args += ["--scoring", "loglik", "--dtype", "float32", "--no-progress"]
     for key, value in params.items():
         args += [f"--{key}", str(value)]
-    _run(args, log)
+    run_logged(args, log)
     return read_deltas(out).training
 
 
@@ -65,7 +61,7 @@ def evaluate(model: str, test: Path, deltas: Path | None, out: Path, log: Path) 
     args += ["--json", str(out)]
     if deltas is not None:
         args += ["--deltas", str(deltas)]
-    _run(args, log)
+    run_logged(args, log)
     return json.loads(out.read_text())
 
 
@@ -78,21 +74,6 @@ def best_epoch(training: dict[str, Any]) -> tuple[float, int]:
     ]
     acc, neg_epoch = max(vals)
     return acc, -neg_epoch
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean paired difference with a two-sided 95% t interval."""
-    m, s = mean_std(diffs)
-    half = (
-        T95.get(len(diffs) - 1, 1.96) * s / math.sqrt(len(diffs))
-        if len(diffs) > 1
-        else float("nan")
-    )
-    return m, m - half, m + half
 
 
 def tuned_accuracy(report: dict[str, Any]) -> tuple[float, dict[str, float]]:
@@ -109,17 +90,15 @@ def base_accuracy(report: dict[str, Any]) -> tuple[float, dict[str, float]]:
 
 @app.command()
 def main(
-    model: str = typer.Option(
-        str(ROOT / "bench/models/demo-olmoe"), help="Pretrained MoE checkpoint."
-    ),
-    data: Path = typer.Option(ROOT / "bench/data/demo", help="Folder with train/val/test.jsonl."),
+    model: str = typer.Option(str(DEMO_MODEL), help="Pretrained MoE checkpoint."),
+    data: Path = typer.Option(DEMO_DATA, help="Folder with train/val/test.jsonl."),
     seeds: str = typer.Option("0,1,2", help="Tuning seeds (comma-separated), at least 3."),
     lrs: str = typer.Option("1e-3,3e-3,1e-2", help="Learning rates searched for router tuning."),
     lambdas: str = typer.Option("0.1,0.3,1.0", help="RoMA lambdas searched at the chosen lr."),
     epochs: int = typer.Option(4, help="Epochs per search run; the best epoch on val is kept."),
     k: int = typer.Option(3, help="RoMA neighbours."),
     oracle_steps: int = typer.Option(10, help="Oracle: Adam steps per sample."),
-    out: Path = typer.Option(ROOT / "bench/results", help="Where results go."),
+    out: Path = typer.Option(RESULTS, help="Where results go."),
     work: Path = typer.Option(ROOT / "runs/table1", help="Scratch folder for runs."),
 ) -> None:
     """Run the experiment and write table1.md / table1.json / plots."""
@@ -200,11 +179,11 @@ def main(
         "summary": summary,
         "minutes": (time.perf_counter() - start) / 60,
     }
-    (out / "table1.json").write_text(json.dumps(record, indent=2))
-    (out / "table1.md").write_text(markdown(record, tasks))
+    write_json(out / "table1.json", record)
+    write_text(out / "table1.md", markdown(record, tasks))
     plot(record, tasks, out / "table1_accuracy.png")
     roma_dir = work / f"final-RoMA-seed{seed_list[0]}"
-    _run(
+    run_logged(
         [
             TUNE,
             "report",

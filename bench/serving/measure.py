@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import vllm_load_timers
 from bench.serving.setup import DTYPE, engine_kwargs
 
 
@@ -114,57 +115,36 @@ def _load_time_worker(conn: Any, model: str, deltas: str, pairs: int) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import gc
 
-    import vllm.v1.worker.cpu_model_runner as runner
     from vllm import LLM
     from vllm.distributed import cleanup_dist_env_and_memory
 
-    load_seconds: list[tuple[float, float]] = []  # (wall, CPU) of each get_model call
-    real_get_model = runner.get_model
-
-    def timed_get_model(*args: Any, **kwargs: Any) -> Any:
-        t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            return real_get_model(*args, **kwargs)
-        finally:
-            load_seconds.append((time.perf_counter() - t0, time.process_time() - c0))
-
-    runner.get_model = timed_get_model
-
-    from roma_vllm.loader import RomaModelLoader
-
-    overheads: list[float] = []  # the loader's own work per roma start (RomaModelLoader)
-    real_load_model = RomaModelLoader.load_model
-
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        model = real_load_model(self, *args, **kwargs)
-        overheads.append(self.overhead_seconds)
-        return model
-
-    RomaModelLoader.load_model = load_model
     keys = ("engine_start_s", "engine_start_cpu_s", "model_load_s", "model_load_cpu_s")
     results: dict[str, dict[str, list[float]]] = {
         n: {k: [] for k in keys} for n in ("base", "roma")
     }
     variants = {"base": {}, "roma": {"deltas": deltas}}
-    for i in range(pairs + 1):  # the first pair warms caches (page cache, imports) and is dropped
-        for name in ["base", "roma"] if i % 2 == 0 else ["roma", "base"]:
-            # vLLM's loader calls gc.collect(), whose cost grows with everything earlier
-            # engines left on the heap: freeze it, so each start sees a fresh process's heap
-            gc.collect()
-            gc.freeze()
-            t0, c0 = time.perf_counter(), time.process_time()
-            llm = LLM(model, **engine_kwargs(variants[name]))
-            start, start_cpu = time.perf_counter() - t0, time.process_time() - c0
-            del llm
-            gc.collect()
-            cleanup_dist_env_and_memory()
-            sample = (start, start_cpu, *load_seconds[-1])
-            if i > 0:
-                for key, value in zip(keys, sample, strict=True):
-                    results[name][key].append(value)
-            print(f"  load round {i}/{pairs} {name}: start {start:.2f} s ({start_cpu:.2f} CPU-s), "
-                  f"model load {sample[2]:.2f} s ({sample[3]:.2f} CPU-s)", flush=True)  # fmt: skip
-    conn.send({"samples": results, "loader_overhead_s": overheads[1:]})
+    with vllm_load_timers() as timers:
+        for i in range(pairs + 1):  # the first pair warms caches (page cache, imports): dropped
+            for name in ["base", "roma"] if i % 2 == 0 else ["roma", "base"]:
+                # vLLM's loader calls gc.collect(), whose cost grows with everything earlier
+                # engines left on the heap: freeze it, so each start sees a fresh process's heap
+                gc.collect()
+                gc.freeze()
+                t0, c0 = time.perf_counter(), time.process_time()
+                llm = LLM(model, **engine_kwargs(variants[name]))
+                start, start_cpu = time.perf_counter() - t0, time.process_time() - c0
+                del llm
+                gc.collect()
+                cleanup_dist_env_and_memory()
+                sample = (start, start_cpu, *timers["get_model"][-1])
+                if i > 0:
+                    for key, value in zip(keys, sample, strict=True):
+                        results[name][key].append(value)
+                print(f"  load round {i}/{pairs} {name}: start {start:.2f} s ({start_cpu:.2f} "
+                      f"CPU-s), model load {sample[2]:.2f} s ({sample[3]:.2f} CPU-s)",
+                      flush=True)  # fmt: skip
+    # the loader's own work per roma start, the warm-up pair's dropped
+    conn.send({"samples": results, "loader_overhead_s": timers["loader_own"][1:]})
 
 
 def bench_load_time(model: str, deltas: str, pairs: int) -> dict:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import typer
 
+from bench.common import write_json
 from bench.synthetic.pretrain import WRAPPERS, accuracy_by_task, encode, pad_batch
 from bench.synthetic.tasks import read_jsonl
 from tuner.diagnose.override import RouterOverride
@@ -46,17 +47,15 @@ def routing_gap(
     """Accuracy with the model's own routing, forced to the own task's experts and to
     another task's, overall and per task (``wrapper``: index into pretrain's WRAPPERS;
     ``last_only``: force only the last prompt token, the one whose routing RoMA aligns)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuner.model.load import load_model
 
     groups = json.loads((Path(model_dir) / "metrics.json").read_text()).get("expert_groups")
     if not groups:
         raise ValueError(
             f"{model_dir}/metrics.json: no expert_groups (not pretrained with --route-coef)"
         )
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, experts_implementation="eager"
-    ).eval()
+    tm = load_model(model_dir, dtype="float32", device="cpu", train_routers=False)
+    tok, model = tm.tokenizer, tm.model
     enc = encode(read_jsonl(Path(data)), tok)
     names = sorted(groups)
     n_exp = model.config.num_experts
@@ -111,7 +110,7 @@ def main(
         per_task = " ".join(f"{t} {v:.2f}" for t, v in result[kind].items() if t != "all")
         print(f"{kind:5s} {result[kind]['all']:.3f}  ({per_task})")
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2))
+        write_json(Path(json_out), result)
 
 
 if __name__ == "__main__":

@@ -26,21 +26,21 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from bench.synthetic.tasks import read_jsonl
+    from tuner.model.load import load_model
 
     rows = read_jsonl(args.data)[: args.n]
     prompts = [WRAPPER.format(q=r["question"]) for r in rows]
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tm = load_model(str(args.model), dtype="float32", device="cpu", train_routers=False)
+    tok, model = tm.tokenizer, tm.model
     answers = [tok.convert_tokens_to_ids(r["choices"][r["answer"]]) for r in rows]
 
     llm = LLM(model=str(args.model), enforce_eager=True, dtype="float32", max_model_len=256)
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))
     v_ids = [o.outputs[0].token_ids[0] for o in outs]
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     h_ids = []
     with torch.no_grad():
         for p in prompts:
