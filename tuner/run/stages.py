@@ -1,5 +1,6 @@
-"""The stages of `roma-tune run`, in order: load -> embeddings -> frozen-layer cache ->
-routing snapshot -> neighbours -> training -> export.
+"""The stages of `roma-tune run` before training, in order: load -> embeddings ->
+frozen-layer cache -> routing snapshot -> neighbours (:mod:`tuner.run.pipeline` runs them,
+then the training and the export).
 
 Each stage reads its cached output when its inputs are unchanged (:mod:`tuner.run.stage_cache`);
 the run directory's lock, checkpoints and leftovers follow :mod:`tuner.run.workdir`; under
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tuner.config import ConfigError, TuneConfig
 from tuner.data.prompts import Encoded, encode
 from tuner.data.sources import Dataset, load_examples
 from tuner.data.truncate import truncate_prompts
-from tuner.export.deltas import CONFIG_FILENAME, LOG_FILENAME, export_deltas, write_json, write_log
+from tuner.export.deltas import CONFIG_FILENAME, LOG_FILENAME, write_json, write_log
 from tuner.model.frozen_cache import PrefixCache
 from tuner.model.load import TunerModel, load_model
 from tuner.progress import Bars
@@ -32,7 +32,6 @@ from tuner.roma.neighbours import Neighbours, find_neighbours
 from tuner.roma.snapshot import Snapshot
 from tuner.run import record
 from tuner.run.ranks import on_main, split_snapshot
-from tuner.run.served import served_accuracy
 from tuner.run.stage_cache import StageCache, stage_keys
 from tuner.run.workdir import (
     CheckpointPlan,
@@ -47,32 +46,16 @@ from tuner.train.distributed import (
     broadcast,
     init,
     launched_world_size,
-    shutdown,
 )
-from tuner.train.determinism import deterministic
-from tuner.train.loop import EpochRecord, train
 
 
 class NoSuccessError(RomaError, RuntimeError):
     """The base model answers no training sample correctly: RoMA has no neighbours to use."""
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    deltas: Path
-    accuracy_before: float
-    accuracy_after: float
-    val_before: float | None
-    val_after: float | None
-    history: list[EpochRecord]
-    reused: list[str] = field(default_factory=list)  # stages taken from the cache
-    served: dict[str, Any] = field(default_factory=dict)  # accuracy with routers as served
-    truncated: int = 0  # training prompts cut by --max-length
-
-
-class Pipeline:
-    """One run; the stages are methods so tests and benchmarks can call them alone."""
+class Stages:
+    """The stages of one run, as methods so tests and benchmarks can call them alone;
+    :class:`tuner.run.pipeline.Pipeline` runs them in order."""
 
     def __init__(
         self,
@@ -343,96 +326,3 @@ class Pipeline:
         self.cache.save_neighbours(nb)
         self._timed("neighbours", t0)
         return nb
-
-    # ------------------------------------------------------------------ all
-    def run(self, on_epoch_end: Callable[[int], None] | None = None) -> RunResult:
-        try:
-            with deterministic(self.cfg.deterministic):
-                return self._run(on_epoch_end)
-        finally:
-            self.lock.release()
-            shutdown(self.dist)
-
-    def _run(self, on_epoch_end: Callable[[int], None] | None) -> RunResult:
-        cfg = self.cfg
-        self.load()
-        emb = self.embeddings()
-        prefix = self.prefix()
-        snap = self.snapshot(prefix)
-        neighbours = self.neighbours(emb, snap)
-        val_before = (
-            self.measure(self.val_encoded, "validation").accuracy if self.val_encoded else None
-        )
-        plan = self.checkpoints
-        if plan.complete:
-            self.reused.append("training")
-        validate = (
-            (lambda: self.measure(self.val_encoded, "validation").accuracy)
-            if self.val_encoded
-            else None
-        )
-        t0 = time.perf_counter()
-        result = train(
-            self.tm,
-            self.encoded,
-            cfg,
-            snap,
-            self.neighbours_for(emb),
-            lambda: self.measure(self.encoded, "train accuracy", prefix),
-            plan.directory,
-            resume=plan.resume,
-            neighbours=neighbours,
-            prefix=prefix,
-            validate=validate,
-            bars=self.bars,
-            log=self.log,
-            on_epoch_end=on_epoch_end,
-            dist=self.dist,
-        )
-        if not plan.complete:
-            self._timed("training", t0)
-        final = result.final
-        assert final is not None
-        val_after = result.history[-1].val_accuracy if result.history else None
-        accuracy = {
-            "train_accuracy_before": snap.accuracy,
-            "train_accuracy_after": final.accuracy,
-            "val_accuracy_before": val_before,
-            "val_accuracy_after": val_after,
-        }
-        val_enc = self.val_encoded
-        accuracy.update(
-            served_accuracy(
-                self.tm,
-                lambda what: self.measure(self.encoded, what, prefix),
-                (lambda what: self.measure(val_enc, what)) if val_enc else None,
-                accuracy,
-            )
-        )
-        deltas = self.run_dir / DELTAS_FILENAME
-        if self.dist.is_main:
-            training = record.training_record(
-                cfg,
-                self.tm,
-                self.model_info(),
-                self._data_info(),
-                result.history,
-                accuracy,
-                int(snap.correct.sum()),
-                self.timings,
-            )
-            deltas = export_deltas(self.tm, self.run_dir, training)
-        barrier(self.dist)  # every rank returns once the outputs exist
-        self.log({"event": "done", "deltas": str(deltas), **accuracy, "reused": self.reused})
-        return RunResult(
-            self.run_dir,
-            deltas,
-            snap.accuracy,
-            final.accuracy,
-            val_before,
-            val_after,
-            result.history,
-            list(self.reused),
-            served={k: v for k, v in accuracy.items() if "served" in k},
-            truncated=self.truncated,
-        )
