@@ -66,9 +66,40 @@ def test_eps_ball():
             assert abs(nb.weight[i].sum() - 1) < 1e-5
 
 
-def test_deterministic():
-    emb = _emb(500)
-    succ = np.ones(500, dtype=bool)
-    a = find_neighbours(emb, succ, k=3)
-    b = find_neighbours(emb, succ, k=3)
-    np.testing.assert_array_equal(a.index, b.index)
+_DIGEST = """
+import hashlib, sys
+import numpy as np
+from tuner.roma.neighbours import find_neighbours
+x = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+succ = np.random.default_rng(1).random(500) < 0.7
+nb = find_neighbours(x, succ, k=3, sigma=0.4)
+print(hashlib.sha256(b"".join(a.tobytes() for a in nb.arrays().values())).hexdigest())
+"""
+
+
+def test_deterministic_across_processes_and_thread_counts():
+    """Same inputs, same neighbours, weights and distances: in this process, and in fresh
+    processes (another hash seed) with 1 and 2 threads for OpenMP/BLAS."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    succ = np.random.default_rng(1).random(500) < 0.7
+    nb = find_neighbours(x, succ, k=3, sigma=0.4)
+    here = hashlib.sha256(b"".join(a.tobytes() for a in nb.arrays().values())).hexdigest()
+    digests = {}
+    for threads in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": threads}
+        env.update(
+            dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), threads)
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _DIGEST], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests[threads] = out.stdout.strip()
+    assert digests == {"1": here, "2": here}
