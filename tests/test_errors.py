@@ -4,6 +4,7 @@ else keeps its traceback and asks for a bug report."""
 from __future__ import annotations
 
 import ast
+import errno
 import importlib
 import re
 from pathlib import Path
@@ -63,7 +64,15 @@ def test_project_error_is_one_line(monkeypatch, command):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize("exc", [KeyError(50279), ValueError("bad shape")], ids=repr)
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KeyError(50279),
+        ValueError("bad shape"),
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "/tmp/x/cache/a.npy"),
+    ],
+    ids=repr,
+)
 def test_any_other_error_keeps_its_traceback_and_asks_for_a_report(monkeypatch, command, exc):
     result = _invoke(monkeypatch, command, exc)
     assert result.exit_code == 1
@@ -75,6 +84,26 @@ def test_any_other_error_keeps_its_traceback_and_asks_for_a_report(monkeypatch, 
         "not a problem with your input; please report it, with this output, at "
     )
     assert not any(line.startswith("Error: ") for line in lines)  # not dressed as user error
+
+
+@pytest.mark.parametrize(
+    "exc, line",
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/srv/runs"),
+            "/srv/runs: Permission denied",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/r/x.tmp"),
+            "/r/x.tmp: No space left on device",
+        ),
+        (OSError(errno.EROFS, "Read-only file system"), "Read-only file system"),
+    ],
+)
+def test_the_machine_refusing_a_file_is_one_line(monkeypatch, exc, line):
+    result = _invoke(monkeypatch, "merge", exc)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {line}"]
 
 
 def test_typer_exits_pass_through(monkeypatch):

@@ -1,16 +1,20 @@
 """The one error handler of every `roma-tune` command.
 
 An error the user can fix (:class:`roma_vllm.errors.RomaError`, whose message is one line)
-prints as one red ``Error: ...`` line, exit status 1. Anything else is a bug in roma-vllm:
-it keeps its full traceback, followed by one line asking for a bug report, exit status 1.
+prints as one red ``Error: ...`` line, exit status 1; so does the system refusing a file
+operation for a reason outside the program (permissions, a full or read-only disk). Anything
+else is a bug in roma-vllm: it keeps its full traceback, followed by one line asking for a
+bug report, exit status 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 import traceback
 from collections.abc import Iterator
+from typing import NoReturn
 
 import click
 import typer
@@ -20,6 +24,8 @@ from roma_vllm.errors import RomaError
 
 # Exceptions typer/click use for control flow (an exit status, usage errors): passed on.
 _CONTROL = (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort)
+# OSError numbers that describe the machine, never the code: not a bug.
+_ENVIRONMENT = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 def issue_tracker() -> str:
@@ -45,8 +51,9 @@ def bug_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Run a command body: a :class:`RomaError` becomes ``Error: ...`` on stderr and exit
-    status 1; any other exception prints its traceback and :func:`bug_line`, exit status 1."""
+    """Run a command body: a :class:`RomaError` (or an OSError of the machine, such as a full
+    disk) becomes ``Error: ...`` on stderr and exit status 1; any other exception prints its
+    traceback and :func:`bug_line`, exit status 1."""
     try:
         yield
     except _CONTROL:
@@ -54,7 +61,18 @@ def exit_on_user_error() -> Iterator[None]:
     except RomaError as e:
         typer.secho(f"Error: {e}", fg="red", err=True)
         raise typer.Exit(1) from None
-    except Exception as e:
-        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
-        typer.secho(bug_line(e), fg="red", err=True)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT:
+            _bug(e)
+        where = f"{e.filename}: " if e.filename else ""
+        typer.secho(f"Error: {where}{e.strerror}", fg="red", err=True)
         raise typer.Exit(1) from None
+    except Exception as e:
+        _bug(e)
+
+
+def _bug(e: BaseException) -> NoReturn:
+    """The traceback, then :func:`bug_line`; exit status 1."""
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    typer.secho(bug_line(e), fg="red", err=True)
+    raise typer.Exit(1) from None
