@@ -56,6 +56,7 @@ from roma_vllm.deltas import (  # noqa: E402
     DeltaError,
     RouterDeltas,
     check_base_tensor,
+    fingerprint,
     read_deltas,
 )
 from roma_vllm.settings import (  # noqa: E402
@@ -101,6 +102,7 @@ class RomaModelLoader(DefaultModelLoader):
         self._checked_model: str | None = None
         self._pending: set[str] = set()
         self._stream_done = False
+        self._warned: set[str] = set()  # tensors warned about under roma_allow_mismatch
         # Time spent in the loader's own work (reading and checking deltas, merging): the
         # whole cost of the plugin, reported in the INFO line and by the benchmark.
         self.overhead_seconds = time.perf_counter() - t0
@@ -160,6 +162,19 @@ class RomaModelLoader(DefaultModelLoader):
             check_base_tensor(self.deltas, name, base, self.where, self.settings.allow_mismatch)
         except DeltaError as e:
             raise _fail(e) from None
+        if (
+            self.settings.allow_mismatch
+            and name not in self._warned
+            and fingerprint(base) != self.deltas.base_fingerprints[name]
+        ):
+            self._warned.add(name)
+            logger.warning(
+                "roma-vllm: %s: tensor '%s' was made for different base weights (deltas made "
+                "from %r); applying anyway because roma_allow_mismatch is set",
+                self.where,
+                name,
+                self.deltas.base_model,
+            )
 
     # -- vLLM hooks ------------------------------------------------------------------------
 

@@ -358,19 +358,42 @@ def test_vllm_version_check_names_both_versions() -> None:
 
 @pytest.fixture(scope="module")
 def engine_errors(env: SimpleNamespace, tiny_model: Any, run_vllm_jobs: Any) -> dict:
-    """In-process engines (one subprocess): bad inputs fail, the override starts."""
+    """In-process engines (one subprocess): bad inputs fail, the override starts. vLLM's log
+    goes to a file (VLLM_LOGGING_CONFIG_PATH), which the tests read."""
     other = write_handmade_deltas(tiny_model(ARCH, seed=1), env.tmp / "other.safetensors")
     job = {"model": str(env.model), "load_format": "roma", "prompts": [[5, 6, 7]], "max_tokens": 2}
+    log = env.tmp / "engines.log"
+    logging_config = env.tmp / "logging.json"
+    logging_config.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+                "handlers": {
+                    "file": {
+                        "class": "logging.FileHandler",
+                        "filename": str(log),
+                        "formatter": "plain",
+                    }
+                },
+                "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+            }
+        )
+    )
+    override = {"roma_deltas": str(other), "roma_allow_mismatch": True}
     jobs = {
         "missing": {**job, "extra": {"roma_deltas": str(env.tmp / "missing.safetensors")}},
         "mismatch": {**job, "extra": {"roma_deltas": str(other)}},
         "unknown_key": {**job, "extra": {"roma_deltas": str(env.path), "scale": 1}},
-        "override": {**job, "extra": {"roma_deltas": str(other), "roma_allow_mismatch": True}},
+        "override": {**job, "extra": override, "probe_routers": True},
         # --load-format roma forgotten: the deltas asked for must not be dropped silently
         "env_auto": {**job, "load_format": "auto", "env": {"ROMA_DELTAS": str(env.path)}},
     }
     # VLLM_PLUGINS set and naming roma: the plugin loads (test_plugin_serve checks the opposite)
-    return {"results": run_vllm_jobs(jobs, env={"VLLM_PLUGINS": "roma"}), "other": other}
+    process_env = {"VLLM_PLUGINS": "roma", "VLLM_LOGGING_CONFIG_PATH": str(logging_config)}
+    results = run_vllm_jobs(jobs, env=process_env)
+    return {"results": results, "other": other, "log": log.read_text()}
 
 
 @pytest.mark.vllm
@@ -396,9 +419,33 @@ def test_engine_refuses_to_start(
 
 
 @pytest.mark.vllm
-def test_engine_starts_with_allow_mismatch(engine_errors: dict) -> None:
+def test_engine_with_allow_mismatch_serves_base_plus_delta_and_warns(
+    engine_errors: dict, env: SimpleNamespace
+) -> None:
+    """Deltas made for another model (seed 1), allowed: the served routers are this model's
+    base routers plus those deltas, and the log warns about each mismatching tensor."""
+    from vllm_jobs import probe_input
+
+    from roma_vllm.deltas import read_deltas
+
     result = engine_errors["results"]["override"]
     assert result["ok"], result.get("error")
+    other = read_deltas(engine_errors["other"])
+    base = checkpoint_tensors(env.model, other.tensors)
+    served = result["routers"]
+    assert sorted(served) == sorted(n.removesuffix(".weight") for n in other.tensors)
+    for name, delta in other.tensors.items():
+        w = base[name].float() + delta
+        expected = probe_input(w.shape[1]) @ w.T
+        got = torch.tensor(served[name.removesuffix(".weight")])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=name)
+        assert not torch.allclose(got, probe_input(w.shape[1]) @ base[name].float().T, atol=1e-2)
+        warning = (
+            f"WARNING vllm.roma_vllm.loader: roma-vllm: {engine_errors['other']}: tensor '{name}' "
+            "was made for different base weights"
+        )
+        assert engine_errors["log"].count(warning) == 1, engine_errors["log"][-3000:]
+    assert "applying anyway because roma_allow_mismatch is set" in engine_errors["log"]
 
 
 @pytest.mark.vllm
