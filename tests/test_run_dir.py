@@ -174,6 +174,7 @@ def _holder(out: Path, timeout: float = 120) -> dict:
     raise AssertionError(f"{path} never held a holder")
 
 
+@pytest.mark.slow  # starts `roma-tune run` in a second process
 def test_second_run_on_the_same_directory_is_refused_naming_the_holder(cfg, tmp_path):
     out = tmp_path / "busy"
     # long enough to still hold the directory when the second run starts
