@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from roma_vllm.architectures import UnsupportedModelError
+
 # edit(n, logits) -> None (leave this router alone) or (positions [P], new logits [P, E],
 # routing probabilities [P, E] or None for the softmax of the new logits)
 Edit = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]
@@ -35,7 +37,7 @@ def renormalises(
     if is_raw and is_norm:
         return bool(getattr(module, "norm_topk_prob", False))
     if not (is_raw or is_norm):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(module).__name__}: its top-k weights are not softmax probabilities of its "
             "logits (raw or renormalised), so its routing cannot be overridden"
         )
