@@ -349,3 +349,30 @@ def test_rendered_rows_encode_as_requests(tiny_tokenizer: Any) -> None:
         encode([ex], tiny_tokenizer, "letter")
     with pytest.raises(EncodeError, match=r"--chat-template does not apply to lm-eval rows"):
         encode([ex], tiny_tokenizer, "loglik", chat_template=True)
+
+
+def test_data_command_shows_lm_eval_rows(tiny_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    import json
+
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from tuner.cli.app import app
+
+    rows = [{"goal": "Dry wet shoes", "sol1": "Stuff them with paper.", "sol2": "Oil them.",
+             "label": 1}]  # fmt: skip
+    spec = f"lm-eval:piqa:validation={_parquet(tmp_path / 'p.parquet', rows)}"
+    result = CliRunner().invoke(app, ["data", spec, "--model", str(tiny_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["rows"], report["scoring"], report["tasks"]) == (1, "loglik", {"piqa": 1})
+    row = report["first_rows"][0]
+    prompt = "Question: Dry wet shoes\nAnswer:"
+    scored = [" Stuff them with paper.", " Oil them."]
+    assert (row["prompt"], row["scored"], row["answer"]) == (prompt, scored, 1)
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    pairs = [pair_ids(tok, prompt, s) for s in scored]
+    assert row["tokens"] == {"prompt": len(pairs[0][0]), "scored": [len(c) for _, c in pairs]}
+    letter = CliRunner().invoke(app, ["data", spec, "--scoring", "letter"])
+    assert letter.exit_code == 1
+    assert "lm-eval rows are scored by log-likelihood" in letter.output

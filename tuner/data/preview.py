@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from tuner.data.prompts import encode, render_prompt
+from tuner.data.rendered import check_rendered
 from tuner.data.sources import LETTERS, Dataset, Example, load_examples
 
 
@@ -25,6 +26,8 @@ def row_view(
     ex: Example, scoring: str, template: str | None = None, tokenizer: Any = None
 ) -> dict[str, Any]:
     """One example as the tuner scores it (see the module docstring)."""
+    if ex.rendered:
+        check_rendered(ex, scoring)  # refused here as run/eval refuse it
     view: dict[str, Any] = {"source": ex.source, "task": ex.task}
     view["prompt"] = render_prompt(ex, scoring, template)
     if ex.is_choice:

@@ -38,26 +38,31 @@ def pair_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int]
     return ctx, whole[len(ctx) :]
 
 
-def encode_rendered(
-    ex: Example, tokenizer: Any, scoring: str, chat_template: bool = False
-) -> Encoded:
-    """:class:`Encoded` of a rendered row; :class:`EncodeError` when it cannot be scored."""
+def check_rendered(ex: Example, scoring: str, chat_template: bool = False) -> None:
+    """:class:`EncodeError` when a rendered row cannot be scored with these settings."""
     if chat_template:
         raise EncodeError(
             f"{ex.source}: --chat-template does not apply to lm-eval rows (lm-eval renders "
             "their prompts as plain text); drop --chat-template"
         )
+    if ex.is_choice and scoring != "loglik":
+        raise EncodeError(
+            f"{ex.source}: lm-eval rows are scored by log-likelihood as lm-eval scores them; "
+            "use --scoring loglik"
+        )
+
+
+def encode_rendered(
+    ex: Example, tokenizer: Any, scoring: str, chat_template: bool = False
+) -> Encoded:
+    """:class:`Encoded` of a rendered row; :class:`EncodeError` when it cannot be scored."""
+    check_rendered(ex, scoring, chat_template)
     delim = ex.target_delimiter or ""
     if not ex.is_choice:
         ctx, target = pair_ids(tokenizer, ex.prompt, ex.completion or "")
         if not ctx or not target:
             raise EncodeError(f"{ex.source}: the prompt or the answer encodes to no tokens")
         return Encoded(ctx, None, None, target, None)
-    if scoring != "loglik":
-        raise EncodeError(
-            f"{ex.source}: lm-eval rows are scored by log-likelihood as lm-eval scores them; "
-            "use --scoring loglik"
-        )
     if ex.continuation is not None:  # multiple input: the choices are the contexts
         pairs = [pair_ids(tokenizer, c, ex.continuation) for c in ex.choices or ()]
     else:
