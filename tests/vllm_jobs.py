@@ -8,8 +8,9 @@ while loading come back as text. The multi-process path (plugin in every process
 from the engine-core subprocess) is covered separately by the ``vllm serve`` tests.
 
 A job: ``{"model", "load_format", "extra", "prompts": [[ids]], "max_tokens", "env",
-"probe_routers"}``; a result: ``{"ok": true, "tokens": [[ids]], "logprobs": [[float]],
-"routers": {module: [[float]]}}`` or ``{"ok": false, "error": "Type: message"}``.
+"probe_routers", "compilation_config"}``; a result: ``{"ok": true, "tokens": [[ids]],
+"logprobs": [[float]], "routers": {module: [[float]]}}`` or ``{"ok": false, "error":
+"Type: message"}``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run_job(job: dict) -> dict:
             max_model_len=256,
             seed=0,
             distributed_executor_backend="uni",
+            compilation_config=job.get("compilation_config"),
         )
         params = SamplingParams(
             temperature=0.0, max_tokens=job.get("max_tokens", 8), logprobs=1, ignore_eos=True

@@ -98,8 +98,9 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "DeepseekV3ForCausalLM": (
         "DeepseekV3Config",
-        # vLLM creates e_score_correction_bias only with noaux_tc
-        dict(_DEEPSEEK_MLA, topk_method="noaux_tc"),
+        # vLLM creates e_score_correction_bias only with noaux_tc; it reads scoring_func
+        # (default softmax) where transformers always uses V3's sigmoid: real V3 configs say so
+        dict(_DEEPSEEK_MLA, topk_method="noaux_tc", scoring_func="sigmoid"),
     ),
 }
 
