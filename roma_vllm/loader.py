@@ -125,9 +125,11 @@ class RomaModelLoader(DefaultModelLoader):
                 f"{self.where}: deltas are for {self.deltas.architecture} but the served model "
                 f"{model_config.model} is {', '.join(served) or 'of unknown architecture'}"
             )
-        _, files, use_safetensors, _ = self._prepare_weights(
+        # (hf_folder, files, use_safetensors[, index_file]): vLLM 0.31 added index_file
+        prepared = self._prepare_weights(
             model_config.model, None, model_config.revision, True, None
         )
+        files, use_safetensors = prepared[1], prepared[2]
         if not use_safetensors:  # .bin/.pt checkpoints: the stream checks everything
             self._checked_model = model_config.model
             return

