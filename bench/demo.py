@@ -65,6 +65,7 @@ def main() -> int:
             str(OUT / "eval.json"),
             "--plot",
             str(OUT / "accuracy.png"),
+            "--enforce-eager",  # CPU: compiling would add minutes to each engine's start
         ]
     )
     result = json.loads((OUT / "eval.json").read_text())

@@ -58,7 +58,7 @@ def tune(
 def evaluate(model: str, test: Path, deltas: Path | None, out: Path, log: Path) -> dict[str, Any]:
     """``roma-tune eval`` through vLLM; returns the JSON report."""
     args = [TUNE, "eval", "--model", model, "--data", str(test), "--scoring", "loglik"]
-    args += ["--json", str(out)]
+    args += ["--json", str(out), "--enforce-eager"]  # CPU: compiling costs minutes per engine
     if deltas is not None:
         args += ["--deltas", str(deltas)]
     run_logged(args, log)

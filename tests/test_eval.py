@@ -296,7 +296,7 @@ def test_vllm_and_hf_agree(setup: dict[str, Path], hf_json: Path) -> None:
         [
             "eval", "--model", str(setup["model"]), "--deltas", str(setup["deltas"]),
             "--data", str(setup["data"]), "--scoring", "loglik", "--json", str(out),
-            "--check-against", str(hf_json),
+            "--check-against", str(hf_json), "--enforce-eager",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

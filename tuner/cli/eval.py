@@ -50,6 +50,31 @@ def eval_command(
     device: str = o.DEVICE,
     device_map: str | None = o.DEVICE_MAP,
     trust_remote_code: bool = o.TRUST_REMOTE_CODE,
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", help="vllm backend: GPUs each engine splits every layer over."
+    ),
+    pipeline_parallel_size: int = typer.Option(
+        1, "--pipeline-parallel-size", help="vllm backend: pipeline stages (groups of layers)."
+    ),
+    gpu_memory_utilization: float | None = typer.Option(
+        None,
+        "--gpu-memory-utilization",
+        help="vllm backend: fraction of GPU memory an engine may take (0-1]. Default: vLLM's.",
+    ),
+    max_model_len: int | None = typer.Option(
+        None,
+        "--max-model-len",
+        help="vllm backend: context length of the engines. Default: the longest request + 1.",
+    ),
+    enforce_eager: bool | None = typer.Option(
+        None,
+        "--enforce-eager/--no-enforce-eager",
+        help="vllm backend: skip torch.compile and CUDA graphs. Default: vLLM's (compiled). "
+        "On CPU pass --enforce-eager: compiling adds a minute or more to each engine's start.",
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Print vLLM's own log (by default it goes to a temporary file)."
+    ),
 ) -> None:
     """Accuracy of the base and the tuned model, overall and per task (vLLM by default)."""
     from tuner.cli.errors import exit_on_user_error
@@ -62,6 +87,9 @@ def eval_command(
             chat_template=chat_template, backend=backend, dtype=dtype, scale=scale, limit=limit,
             skip_bad_rows=skip_bad_rows, allow_mismatch=allow_mismatch, tolerance=tolerance,
             batch_rows=batch_rows, device=device, device_map=device_map,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            enforce_eager=enforce_eager, verbose=verbose,
         )  # fmt: skip
         main(opts, json_out, plot, check_against)

@@ -58,6 +58,7 @@ def _score(
                 scale=opts.scale,
                 allow_mismatch=opts.allow_mismatch,
                 seed=opts.seed,
+                options=opts.engine(),
                 progress=progress(f"{variant}: vLLM", total, 0),
             )
         return scores

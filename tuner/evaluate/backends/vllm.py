@@ -13,7 +13,9 @@ exact log-probabilities, never read from a top-k list:
   top-2 log-probabilities of every step for the margin.
 
 An engine is started per model variant (the deltas are applied while the checkpoint loads)
-and shut down before the next one starts.
+and shut down, its processes gone, before the next one starts. Both get the same
+:class:`~tuner.evaluate.options.EngineOptions`. vLLM's own output goes to a log file
+(:mod:`~tuner.evaluate.backends.vllm_log`) unless ``verbose``.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from roma_vllm.errors import RomaError
+from tuner.config import ConfigError
 from tuner.data.prompts import Encoded
+from tuner.evaluate.backends.vllm_log import EngineLog
+from tuner.evaluate.options import EngineOptions
 from tuner.evaluate.results import SampleScore, choose, free_form, max_length
 
 CHUNK = 256  # requests per generate() call, for progress updates
 
 
 class EngineStartError(RomaError, RuntimeError):
-    """vLLM did not start; its own log (printed above) names the root cause."""
+    """vLLM did not start; the message names the cause (and where vLLM's log is)."""
 
 
 def engine_kwargs(
@@ -45,15 +50,26 @@ def engine_kwargs(
     scale: float = 1.0,
     allow_mismatch: bool = False,
     seed: int = 0,
+    options: EngineOptions | None = None,
 ) -> dict[str, Any]:
-    """Arguments of ``vllm.LLM`` for the base model, or the tuned one when ``deltas_path``."""
+    """Arguments of ``vllm.LLM`` for the base model, or the tuned one when ``deltas_path``.
+
+    Options left at ``None`` in ``options`` are not passed: vLLM's default applies.
+    """
+    opts = options or EngineOptions()
     kwargs: dict[str, Any] = dict(
         model=str(checkpoint),
         dtype=dtype,
-        enforce_eager=True,
         seed=seed,
         max_model_len=max_model_len,
+        tensor_parallel_size=opts.tensor_parallel_size,
+        pipeline_parallel_size=opts.pipeline_parallel_size,
+        trust_remote_code=opts.trust_remote_code,
     )
+    if opts.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+    if opts.enforce_eager is not None:
+        kwargs["enforce_eager"] = opts.enforce_eager
     if deltas_path is not None:
         kwargs["load_format"] = "roma"
         kwargs["model_loader_extra_config"] = {
@@ -65,28 +81,39 @@ def engine_kwargs(
 
 
 @contextlib.contextmanager
-def engine(**kwargs: Any) -> Iterator[Any]:
-    """A ``vllm.LLM`` that is shut down (worker processes included) when the block ends."""
+def engine(verbose: bool = True, **kwargs: Any) -> Iterator[Any]:
+    """A ``vllm.LLM`` that is shut down, its engine processes ended, when the block ends.
+
+    Unless ``verbose``, vLLM's output goes to a log file; a failed start raises
+    :class:`EngineStartError` naming the cause read from that log.
+    """
     # On CPU vLLM otherwise reserves most of the machine's memory for its KV cache.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
     what = "the tuned model" if kwargs.get("load_format") == "roma" else "the base model"
+    log = EngineLog(verbose)
     try:
-        llm = LLM(**kwargs)
-    except Exception as e:  # vLLM logs the root cause from its engine process
-        detail = " ".join(str(e).split()) or type(e).__name__
+        with log.start_up():  # vLLM's import-time messages too
+            from vllm import LLM
+
+            llm = LLM(**kwargs)
+    except Exception as e:
         raise EngineStartError(
-            f"vLLM could not start {what} ({kwargs['model']}): {detail}; see vLLM's log above"
+            f"vLLM could not start {what} ({kwargs['model']}): {log.failure(e)}"
         ) from None
-    try:
-        yield llm
-    finally:
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm
-        gc.collect()
+    with log.running():
+        try:
+            yield llm
+        except Exception as e:  # a failure while generating: say where vLLM's log is
+            if log.path is not None and hasattr(e, "add_note"):
+                e.add_note(f"vLLM's log: {log.path}")
+            raise
+        finally:
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()  # waits for the engine-core and worker processes to exit
+            del llm
+            gc.collect()
+    log.discard()
 
 
 def num_requests(encoded: Sequence[Encoded]) -> int:
@@ -181,23 +208,31 @@ def score_vllm(
     scale: float = 1.0,
     allow_mismatch: bool = False,
     seed: int = 0,
-    max_model_len: int | None = None,
+    options: EngineOptions | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[SampleScore]:
     """Score ``encoded`` with a vLLM engine of the base model, or the tuned one when
     ``deltas_path`` is given. ``progress(n)`` is called after every ``n`` finished requests."""
-    prompts, params = _requests(encoded)
+    opts = options or EngineOptions()
+    needed = max_length(encoded) + 1
+    if opts.max_model_len is not None and opts.max_model_len < needed:
+        raise ConfigError(
+            f"--max-model-len: {opts.max_model_len} tokens is too short for this data: its "
+            f"longest request needs {needed} (prompt and continuation, plus one generated)"
+        )
     kwargs = engine_kwargs(
         checkpoint,
         dtype=dtype,
-        max_model_len=max_model_len or max_length(encoded) + 1,
+        max_model_len=opts.max_model_len or needed,
         deltas_path=deltas_path,
         scale=scale,
         allow_mismatch=allow_mismatch,
         seed=seed,
+        options=opts,
     )
     outputs: list[Any] = []
-    with engine(**kwargs) as llm:
+    with engine(verbose=opts.verbose, **kwargs) as llm:
+        prompts, params = _requests(encoded)
         for start in range(0, len(prompts), CHUNK):
             stop = start + CHUNK
             outputs += llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
