@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast lint format bench bench-serve bench-tuner table1 investigate compat clean
+.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner table1 investigate compat clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ demo: setup
 	$(PY) -m bench.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not parallel"
+
+# Tensor/pipeline-parallel vLLM servers (tests/test_parallel_serving.py: 2-5 min on 2 cores;
+# not part of test/CI)
+test-parallel: setup
+	$(PY) -m pytest -q -m parallel
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not vllm and not slow"
