@@ -140,6 +140,15 @@ def test_real_user_errors_of_each_command_are_one_line(tmp_path):
     assert _error_line(
         ["run", "--model", "m", "--data", "d", "--out", str(out), "--resume", "--overwrite"]
     ) == ("Error: --overwrite: cannot be used with --resume")
+    latin1 = tmp_path / "template.txt"
+    latin1.write_bytes("Frage: {question}\nAntwort \xe4:".encode("latin-1"))
+    assert _error_line(
+        ["run", "--model", "m", "--data", "d", "--out", str(out), "--template", str(latin1)]
+    ).startswith(f"Error: --template {latin1}: not UTF-8 text (invalid")
+    broken = tmp_path / "report.json"
+    broken.write_text('{"samples": [')
+    line = _error_line(["eval", "--model", "m", "--data", "d", "--check-against", str(broken)])
+    assert line.startswith(f"Error: --check-against {broken}: not a `roma-tune eval --json` report")
 
 
 def _error_classes() -> list[tuple[str, str]]:

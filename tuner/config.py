@@ -259,5 +259,10 @@ def read_template(value: str | None) -> str | None:
         return None
     p = Path(value)
     if len(value) < 4096 and "\n" not in value and p.is_file():
-        return p.read_text(encoding="utf-8")
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--template {value}: not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
     return value

@@ -27,6 +27,7 @@ from typing import Any
 
 from roma_vllm import __version__
 from roma_vllm.errors import MissingFileError
+from tuner.config import ConfigError
 from tuner.evaluate.inputs import resolve_inputs
 from tuner.evaluate.options import DEFAULT_TOLERANCE, VARIANTS, EvalOptions
 from tuner.evaluate.results import SampleScore, kind
@@ -161,7 +162,13 @@ def main(
         path = Path(check_against)
         if not path.is_file():
             raise MissingFileError(f"--check-against {check_against}: no such file")
-        other = json.loads(path.read_text())
+        try:
+            other = json.loads(path.read_text(encoding="utf-8"))
+            other["samples"], other["data_fingerprint"]  # noqa: B018 (what compare reads)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"--check-against {check_against}: not a `roma-tune eval --json` report ({e})"
+            ) from None
     console = Console()
     with shared_bars() as progress:
         report = evaluate(opts, progress)
