@@ -1,5 +1,6 @@
-"""An OLMoE-1B-7B-shaped checkpoint: its config, its tensor names and shapes, and a file
-that has them without the bytes (sparse), for checks that never read a weight.
+"""An OLMoE-1B-7B-shaped checkpoint: its config, its tensor names and shapes, a file that
+has them without the bytes (sparse), for checks that never read a weight, and the real
+thing with random weights (:func:`write_random_checkpoint`), for benchmarks at real size.
 
 The real model (allenai/OLMoE-1B-7B-0125) has 16 layers, hidden 2048, 64 experts of width
 1024 with top-8 routing and a 50304-token vocabulary: 6.9B parameters, 13.8 GB in bf16.
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import struct
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,35 +82,125 @@ def write_sparse_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     config = olmoe_config(dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    code, size = _SAFETENSORS_DTYPE[dtype]
+    weight_map: dict[str, str] = {}
+    for fname, tensors in _shards(olmoe_shapes(config), dtype, shard_bytes).items():
+        head, data_bytes = _header(tensors, dtype)
+        with open(out / fname, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + data_bytes)
+        weight_map.update(dict.fromkeys(tensors, fname))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def _shards(
+    shapes: dict[str, tuple[int, ...]], dtype: str, shard_bytes: int
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Tensors split in order into shards of at most ``shard_bytes`` (a larger tensor gets a
+    shard of its own), keyed by the file names Hugging Face gives them."""
+    size = _SAFETENSORS_DTYPE[dtype][1]
     shards: list[dict[str, tuple[int, ...]]] = [{}]
     used = 0
-    for name, shape in olmoe_shapes(config).items():
+    for name, shape in shapes.items():
         n = size * math.prod(shape)
         if used and used + n > shard_bytes:
             shards.append({})
             used = 0
         shards[-1][name] = shape
         used += n
+    return {f"model-{k:05d}-of-{len(shards):05d}.safetensors": s for k, s in enumerate(shards, 1)}
+
+
+def _header(tensors: dict[str, tuple[int, ...]], dtype: str) -> tuple[bytes, int]:
+    """A safetensors file's first bytes (length + JSON header, padded to 8) for ``tensors``
+    stored in order, and the size of the data region that follows."""
+    code, size = _SAFETENSORS_DTYPE[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors.items():
+        n = size * math.prod(shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+# -- random weights --------------------------------------------------------------------------
+
+INIT_STD = 0.02  # the config's initializer_range
+ROUTER_GAIN = 4.0  # router std = ROUTER_GAIN / sqrt(hidden): logits of std ~4, decisive top-k
+TOKENIZER_VOCAB = 512
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int = 0) -> Any:
+    """The weight :func:`write_random_checkpoint` stores under ``name``: norms are ones,
+    routers N(0, (4 / sqrt(hidden))^2) as :mod:`roma_vllm.testing.tiny` draws them, every other
+    tensor N(0, 0.02^2). Each tensor has its own generator (seeded by ``seed`` and its name),
+    so any one can be redrawn alone."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch_dtype)
+    # torch's CPU generator keeps 32 bits of its seed: mix the seed and the name into them
+    g = torch.Generator().manual_seed((zlib.crc32(name.encode()) + seed * 0x9E3779B1) % 2**32)
+    std = ROUTER_GAIN / shape[-1] ** 0.5 if name.endswith("mlp.gate.weight") else INIT_STD
+    return (torch.randn(shape, generator=g) * std).to(torch_dtype)
+
+
+def write_random_checkpoint(
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 5 * 10**9,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> Path:
+    """An OLMoE-1B-7B-shaped checkpoint with random weights (:func:`random_tensor`): sharded
+    safetensors with their index, ``config.json`` and a small trained BPE tokenizer, as
+    Hugging Face saves a model; transformers and vLLM both load it.
+
+    Written tensor by tensor: memory holds one tensor at a time, never a shard or the model
+    (13.8 GB in bf16). Each shard is written under a temporary name and renamed when
+    complete; the index is written last. The config keeps the real 50304-token vocabulary;
+    the tokenizer's ids (``TOKENIZER_VOCAB``) are a prefix of it, as a real model's padded
+    embedding is larger than its tokenizer. ``overrides`` change config fields (tests).
+    """
+    import torch
+
+    from roma_vllm.deltas import atomic_write
+    from roma_vllm.testing.tiny import corpus, train_tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(corpus(), TOKENIZER_VOCAB)
+    ids = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    config = olmoe_config(dtype, **{**ids, **overrides})
+    tok.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    shards = _shards(olmoe_shapes(config), dtype, shard_bytes)
     weight_map: dict[str, str] = {}
-    for k, tensors in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape in tensors.items():
-            n = size * math.prod(shape)
-            header[name] = {
-                "dtype": code,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + n],
-            }
-            offset += n
-            weight_map[name] = fname
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / fname, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + offset)
+    for fname, tensors in shards.items():
+        if progress is not None:
+            progress(f"writing {fname} ({len(tensors)} tensors)")
+
+        def write(tmp: str, tensors: dict[str, tuple[int, ...]] = tensors) -> None:
+            head, _ = _header(tensors, dtype)
+            with open(tmp, "wb") as f:
+                f.write(head)
+                for name, shape in tensors.items():
+                    t = random_tensor(name, shape, dtype, seed)
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+        atomic_write(out / fname, write)
+        weight_map.update(dict.fromkeys(tensors, fname))
     index = {"metadata": {}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    atomic_write(
+        out / "model.safetensors.index.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)),
+    )
     return out

@@ -1,0 +1,253 @@
+"""Running the measured commands: a process tree's peak memory, waiting for free memory,
+the alternating vLLM engine rounds and the `roma-tune run`s.
+
+Memory of a child is measured two ways: ``wait4``'s ``ru_maxrss`` (the kernel's peak
+resident set of the child and the descendants it waited for) and a 0.2-s poll of the whole
+tree's ``VmRSS`` and ``RssAnon`` (anonymous memory: what the process allocated, as opposed
+to file pages mapped from the checkpoint, which the kernel can drop at any time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import ROOT, TUNE
+
+GIB = 1024**3
+HEAVY_FREE_GIB = 18  # available memory a heavy step waits for
+WAIT_FOR_MEMORY_S = 600
+
+
+def available_gib() -> float:
+    return psutil.virtual_memory().available / GIB
+
+
+def wait_for_memory(what: str, need_gib: float | None = None) -> float:
+    """Wait (up to ``WAIT_FOR_MEMORY_S``) until ``need_gib`` (default ``HEAVY_FREE_GIB``)
+    GiB are available; returns what is available then. Other work shares this machine."""
+    need_gib = HEAVY_FREE_GIB if need_gib is None else need_gib
+    t0 = time.monotonic()
+    while (free := available_gib()) < need_gib:
+        if time.monotonic() - t0 > WAIT_FOR_MEMORY_S:
+            raise SystemExit(
+                f"{what}: needs {need_gib} GiB available, only {free:.1f} GiB after waiting "
+                f"{WAIT_FOR_MEMORY_S // 60} min (other work is using the memory); try later"
+            )
+        print(f"  {what}: {free:.1f} GiB available, waiting for {need_gib} ...", flush=True)
+        time.sleep(30)
+    return round(free, 1)
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of ``pid`` in bytes; zeros if it is gone."""
+    rss = anon = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return rss, anon
+
+
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TreePeak:
+    """Polls a process and its descendants: the peak of the summed VmRSS and RssAnon, and a
+    series of (wall clock, CPU seconds) to tell how much CPU any interval of the run got."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid, self.interval = pid, interval
+        self.rss = self.anon = self.anon_at_peak = 0
+        self.cpu: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                pids = [self.pid] + [c.pid for c in root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            rss, anon = map(sum, zip(*(_status(p) for p in pids), strict=True))
+            if rss > self.rss:
+                self.rss, self.anon_at_peak = rss, anon
+            self.anon = max(self.anon, anon)
+            self.cpu.append((time.time(), sum(_cpu(p) for p in pids)))
+            self._stop.wait(self.interval)
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        """CPU seconds the tree used between wall-clock times ``t0`` and ``t1``."""
+        return _cpu_at(self.cpu, t1) - _cpu_at(self.cpu, t0)
+
+    def __enter__(self) -> TreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_at(series: list[tuple[float, float]], t: float) -> float:
+    """Cumulative CPU seconds at wall time ``t``, interpolated in the poll series."""
+    if not series:
+        return 0.0
+    for (ta, ca), (tb, cb) in zip(series, series[1:], strict=False):
+        if ta <= t <= tb:
+            return ca + (cb - ca) * (t - ta) / (tb - ta) if tb > ta else ca
+    return series[0][1] if t < series[0][0] else series[-1][1]
+
+
+def run_measured(args: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``args`` (output appended to ``log``); exit status, wall time and peak memory."""
+    with log.open("a") as f:
+        f.write("$ " + " ".join(args) + "\n")
+        f.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+        with TreePeak(proc.pid) as peak:
+            _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "returncode": proc.returncode,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_bytes": peak.rss,
+        "peak_anon_bytes": peak.anon,
+        # at the moment of the RSS peak: anonymous memory, the rest is mapped file pages
+        "anon_at_peak_rss_bytes": peak.anon_at_peak,
+        "maxrss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "_peak": peak,  # the poll series, for stage CPU times; dropped by the caller
+    }
+
+
+def _tail(log: Path, n: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+# -- vLLM: base and roma engines, alternating ---------------------------------------------
+
+
+def engine_rounds(model: Path, deltas: Path, pairs: int, work: Path) -> list[dict[str, Any]]:
+    """``2 * pairs`` engine starts, each in a fresh process, in the order base, roma, roma,
+    base, ...: each pair's two rounds are neighbours in time, and neither variant always
+    goes first."""
+    rounds = []
+    order = [("base", "roma") if p % 2 == 0 else ("roma", "base") for p in range(pairs)]
+    for p, names in enumerate(order):
+        for name in names:
+            free = wait_for_memory(f"vLLM {name} load")
+            out = work / f"engine-{p}-{name}.json"
+            log = work / f"engine-{p}-{name}.log"
+            args = [sys.executable, "-m", "bench.realsize.engine", str(model), str(out)]
+            if name == "roma":
+                args.append(str(deltas))
+            res = run_measured(args, log)
+            res.pop("_peak")
+            if res["returncode"] or not out.exists():
+                raise SystemExit(f"vLLM {name} engine failed (see {log}):\n{_tail(log)}")
+            res.update(json.loads(out.read_text()), pair=p, variant=name, available_gib=free)
+            res["merge_logged"] = "roma-vllm: merged router deltas" in log.read_text()
+            rounds.append(res)
+            print(
+                f"  pair {p + 1}/{pairs} {name}: model load {res['model_load_s']:.1f} s, "
+                f"engine start {res['engine_start_s']:.1f} s, peak RSS "
+                f"{res['peak_rss_bytes'] / GIB:.2f} GiB (anon {res['peak_anon_bytes'] / GIB:.2f})",
+                flush=True,
+            )
+    return rounds
+
+
+# -- roma-tune run --------------------------------------------------------------------------
+
+RUN_ARGS = [
+    "--layers", "last5", "--dtype", "bfloat16", "--epochs", "1", "--batch-size", "8",
+    "--lr", "1e-3", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+def tune(model: Path, data: Path, out: Path, log: Path, cached: bool) -> dict[str, Any]:
+    """One ``roma-tune run`` in bf16, measured; its own stage and epoch timings from
+    ``RUN_DIR/train_log.jsonl``."""
+    name = "cached" if cached else "plain"
+    free = wait_for_memory(f"roma-tune run ({name})")
+    args = [TUNE, "run", "--model", str(model), "--data", str(data), "--out", str(out)]
+    args += RUN_ARGS + (["--cache-frozen-layers"] if cached else [])
+    res = run_measured(args, log)
+    if res["returncode"]:
+        raise SystemExit(f"roma-tune run ({name}) failed (see {log}):\n{_tail(log)}")
+    peak: TreePeak = res.pop("_peak")
+    events = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    timed = [e for e in events if e["event"] == "stage" and "seconds" in e]
+    stages = {e["stage"]: e["seconds"] for e in timed}
+    # the log stamps each stage's end (wall clock); its CPU time is read off the poll series
+    stage_cpu = {
+        e["stage"]: round(peak.cpu_between(e["time"] - e["seconds"], e["time"]), 2) for e in timed
+    }
+    epoch = next(e for e in events if e["event"] == "epoch")
+    train = next(e for e in timed if e["stage"] == "training")
+    epoch_start = train["time"] - train["seconds"]  # the epoch opens the training stage
+    stage_cpu["epoch"] = round(peak.cpu_between(epoch_start, epoch_start + epoch["seconds"]), 2)
+    # after the epoch, still in the training stage: the train-accuracy pass
+    stages["after_epoch"] = round(train["seconds"] - epoch["seconds"], 3)
+    stage_cpu["after_epoch"] = round(stage_cpu["training"] - stage_cpu["epoch"], 2)
+    # after the training stage: the pass with the routers at served precision (and export)
+    done = next(e for e in events if e["event"] == "done")
+    stages["served"] = round(done["time"] - train["time"], 3)
+    stage_cpu["served"] = round(peak.cpu_between(train["time"], done["time"]), 2)
+    res.update(
+        variant=name,
+        available_gib=free,
+        stage_seconds=stages,
+        stage_cpu_seconds=stage_cpu,
+        epoch_seconds=epoch["seconds"],
+        samples_per_second=epoch["samples_per_second"],
+        steps=epoch["steps"],
+        log_lines=[x for x in log.read_text(errors="replace").splitlines() if x.strip()][-12:],
+    )
+    print(
+        f"  roma-tune run ({name}): {res['wall_s']:.0f} s, epoch {res['epoch_seconds']:.1f} s, "
+        f"stages {stages}, peak RSS {res['peak_rss_bytes'] / GIB:.2f} GiB",
+        flush=True,
+    )
+    return res
+
+
+def refused_float32(model: Path, data: Path, out: Path, log: Path) -> dict[str, Any]:
+    """``roma-tune run --dtype float32``: refused before loading, with one line."""
+    args = [TUNE, "run", "--model", str(model), "--data", str(data), "--out", str(out)]
+    args += ["--dtype", "float32", "--device", "cpu", "--no-progress"]
+    start = log.stat().st_size if log.exists() else 0
+    res = run_measured(args, log)
+    res.pop("_peak")
+    with log.open() as f:
+        f.seek(start)
+        lines = [x for x in f.read().splitlines()[1:] if x.strip()]
+    errors = [x for x in lines if x.startswith("Error") or "Traceback" in x]
+    res.update(lines=lines, error_lines=errors, available_gib=round(available_gib(), 1))
+    return res
