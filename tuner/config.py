@@ -21,6 +21,7 @@ from roma_vllm.errors import RomaError
 SCORING_CHOICES = ("letter", "loglik")
 REFRESH_CHOICES = ("epoch", "never")
 ROUTING_VECTOR_CHOICES = ("probs", "log-probs")
+ROUTER_GRAD_CHOICES = ("topk", "dense")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # transformers' from_pretrained(device_map=...) strategies
@@ -111,6 +112,15 @@ class TuneConfig:
         "experts (the paper's), or 'log-probs', its logarithm (weighs the experts a sample "
         "does not pick as much as those it picks).",
     )
+    router_grad: str = _f(
+        "topk",
+        "How the routers get their gradient: 'topk', through the weights of the experts each "
+        "token picked (plain backprop); 'dense', straight-through: the forward stays the "
+        "model's top-k output, the backward is that of the mixture of ALL experts weighted by "
+        "the router's full distribution (softmax; DeepSeek-V3: sigmoid scores normalised to "
+        "sum 1), so a router learns about experts it did not pick. Costs about "
+        "experts/top-k times the expert compute of the tuned layers in training.",
+    )
     seed: int = _f(0, "Random seed: the same seed gives the same deltas.")
     dtype: str = _f(
         "auto",
@@ -171,6 +181,11 @@ class TuneConfig:
             self.routing_vector in ROUTING_VECTOR_CHOICES,
             "--routing-vector",
             f"must be one of {', '.join(ROUTING_VECTOR_CHOICES)}, got {self.routing_vector!r}",
+        )
+        need(
+            self.router_grad in ROUTER_GRAD_CHOICES,
+            "--router-grad",
+            f"must be one of {', '.join(ROUTER_GRAD_CHOICES)}, got {self.router_grad!r}",
         )
         need(
             self.dtype in DTYPE_CHOICES,

@@ -39,6 +39,7 @@ def run_command(
     warmup: float = _opt("warmup", "--warmup"),
     refresh: str = _opt("refresh", "--refresh"),
     routing_vector: str = _opt("routing_vector", "--routing-vector"),
+    router_grad: str = _opt("router_grad", "--router-grad"),
     seed: int = _opt("seed", "--seed"),
     dtype: str = _opt("dtype", "--dtype"),
     cache_frozen_layers: bool = _opt("cache_frozen_layers", "--cache-frozen-layers"),

@@ -27,6 +27,7 @@ import torch
 from tuner.config import TuneConfig
 from tuner.data.prompts import Encoded
 from tuner.model.choice_loss import Scored, score
+from tuner.model.dense_grad import DenseRouterGrad
 from tuner.model.forward import Batch, bucket_batches, collate, forward
 from tuner.model.frozen_cache import PrefixCache
 from tuner.model.load import TunerModel
@@ -90,14 +91,19 @@ def train_step(
     capture: RoutingCapture,
     prefix: torch.Tensor | None = None,
     scale: float = 1.0,
+    router_grad: str = "topk",
 ) -> tuple[LossTerms, Scored]:
     """Forward, RoMA loss and backward for one batch; leaves gradients on the routers.
 
     The gradient is that of ``scale`` times the batch-mean loss: a data-parallel rank
     passes ``len(shard) / len(global batch)`` so that the ranks' summed gradients are the
     gradient of the mean over the global batch. The returned terms are unscaled means.
+    ``router_grad="dense"``: the same forward values, the backward of the dense mixture of
+    all experts in the tuned layers (:mod:`tuner.model.dense_grad`).
     """
-    out = forward(tm, batch, capture, prefix)
+    dense = router_grad == "dense"
+    with DenseRouterGrad(tm) if dense else contextlib.nullcontext():
+        out = forward(tm, batch, capture, prefix)
     scored = score(out, batch)
     terms = roma_loss(scored.loss, out.routing, targets, weights, lam)
     (terms.total * scale if scale != 1.0 else terms.total).backward()
@@ -203,6 +209,7 @@ def train(
                             capture,
                             states,
                             scale=len(part) / len(idx),
+                            router_grad=cfg.router_grad,
                         )
                         n = len(part)
                         stats += torch.tensor(
