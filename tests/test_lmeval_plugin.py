@@ -98,12 +98,17 @@ def test_lm_eval_vllm_with_plugin_matches_roma_tune_eval(tiny_dir: Path, tmp_pat
     result = CliRunner().invoke(
         app,
         ["eval", "--model", str(tiny_dir), "--deltas", str(deltas), "--data", data,
-         "--scoring", "loglik", "--json", str(report_path)],
+         "--scoring", "loglik", "--enforce-eager", "--json", str(report_path)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
 
-    common = {"pretrained": str(tiny_dir), "dtype": "float32", "max_model_len": 256}
+    common = {
+        "pretrained": str(tiny_dir),
+        "dtype": "float32",
+        "max_model_len": 256,
+        "enforce_eager": True,  # minutes of compilation on CPU otherwise
+    }
     plugin = {"load_format": "roma", "model_loader_extra_config": {"roma_deltas": str(deltas)}}
     runs = {
         "base": _lm_eval(common, tasks, tmp_path / "lm_base"),
