@@ -22,8 +22,9 @@ scores against (``doc_to_target``, a string gold located among the choices). Suc
 scored by log-likelihood only (``--scoring loglik``), tokenised as lm-eval does
 (:mod:`tuner.data.rendered`). A ``generate_until`` document (GSM8K) gives a free-form row:
 the context as prompt and ``target_delimiter + doc_to_target`` (the full reference answer)
-as completion; it trains the tuner, but ``roma-tune eval`` counts it correct only when
-greedy decoding reproduces that answer exactly, not with lm-eval's answer extraction.
+as completion, which trains the tuner; ``roma-tune eval`` (vLLM backend) generates greedily
+with the task's stop strings and judges the text with lm-eval's own answer extraction and
+metric (:mod:`tuner.data.lmeval_generate`, kept on the row as ``Example.generation``).
 Multiple-input tasks (WinoGrande: ``doc_to_text`` gives the gold index, ``doc_to_choice`` one
 context per option, ``doc_to_target`` the continuation they share) give rows whose choices are
 the contexts, all scored on the shared continuation (``target_delimiter + doc_to_target``);
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.data.lmeval_generate import generation_of
 from tuner.data.sources import DataError, Example
 
 PREFIX = "lm-eval:"
@@ -110,7 +112,8 @@ def doc_example(task: Any, doc: Any, where: str, name: str) -> Example:
             target = str(target)
             if not ctx or not target.strip():
                 raise DataError(f"{where}: empty prompt or answer (doc_to_text/doc_to_target)")
-            return Example(ctx, None, None, delim + target, name, where, target_delimiter=delim)
+            gen = generation_of(task, doc, ctx, name)
+            return Example(ctx, None, None, delim + target, name, where, delim, generation=gen)
         choices = task.doc_to_choice(doc)
         requests = task.construct_requests(doc=doc, ctx=ctx, metadata=(name, 0, 1))
         gold = _gold(task, doc, choices, where)

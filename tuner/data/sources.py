@@ -67,6 +67,9 @@ class Example:
     # Multiple-input rows (lm-eval's WinoGrande): the one continuation every choice is scored
     # on; ``choices`` are then the per-choice contexts and ``prompt`` the gold one.
     continuation: str | None = None
+    # Rows of lm-eval ``generate_until`` tasks (GSM8K): what ``eval`` needs to generate and
+    # judge them as lm-eval does (:class:`tuner.data.lmeval_generate.Generation`).
+    generation: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_choice(self) -> bool:

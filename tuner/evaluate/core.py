@@ -10,7 +10,9 @@ acceptable only as near-ties (margin below ``--tolerance``).
 The JSON report (``--json``) holds the run's settings, ``overall`` (accuracy, correct, n and
 near-ties per variant, plus ``changed_predictions``), ``per_task`` (the same per task) and
 ``samples`` (per sample and variant: prediction, correct, margin, choice scores or greedy
-tokens); ``agreement`` is added by ``--check-against``.
+tokens; for lm-eval ``generate_until`` rows also the generated ``text``, the ``extracted``
+answer and ``lm_eval``, every filter's answer and metrics); ``agreement`` is added by
+``--check-against``.
 
 Without ``--scoring`` / ``--template`` / ``--chat-template`` the values recorded in the
 delta file's training config are used, so a tuned model is evaluated on prompts rendered as
@@ -28,6 +30,7 @@ from typing import Any
 from roma_vllm import __version__
 from roma_vllm.errors import MissingFileError
 from tuner.config import ConfigError
+from tuner.evaluate.generate import gen_requests
 from tuner.evaluate.inputs import resolve_inputs
 from tuner.evaluate.options import DEFAULT_TOLERANCE, VARIANTS, EvalOptions
 from tuner.evaluate.results import SampleScore, kind
@@ -43,6 +46,7 @@ def _score(
     dtype: str,
     pad_id: int,
     progress: Callable[[str, int, int], Callable[[int], None]],
+    gens: list[Any] | None = None,
 ) -> dict[str, list[SampleScore]]:
     """Scores of the base model and, with deltas, the tuned one."""
     scores: dict[str, list[SampleScore]] = {}
@@ -61,6 +65,7 @@ def _score(
                 seed=opts.seed,
                 options=opts.engine(),
                 progress=progress(f"{variant}: vLLM", total, 0),
+                gens=gens,
             )
         return scores
     from tuner.evaluate.backends.hf import load_eval_model, score_hf
@@ -110,8 +115,9 @@ def evaluate(
     )
     encoded = encode(data.examples, tokenizer, inputs.scoring, inputs.template, inputs.chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gens = gen_requests(data.examples, tokenizer, opts.backend)
 
-    scores = _score(opts, checkpoint, encoded, deltas, dtype, pad_id, progress)
+    scores = _score(opts, checkpoint, encoded, deltas, dtype, pad_id, progress, gens)
     tasks = [e.task for e in data.examples]
     overall, per_task = summarise(tasks, scores, tolerance)
     samples = []
@@ -120,7 +126,7 @@ def evaluate(
             "index": i,
             "source": ex.source,
             "task": ex.task,
-            "kind": kind(enc),
+            "kind": "generate" if gens[i] is not None else kind(enc),
             "label": enc.label,
         }
         for variant, results in scores.items():

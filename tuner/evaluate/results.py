@@ -6,7 +6,9 @@ Both backends (:mod:`tuner.evaluate.backends.vllm`, :mod:`tuner.evaluate.backend
 * multiple choice: ``scores`` holds one log-likelihood per choice (the log-probability of the
   option token at the last prompt position, or the summed log-probabilities of a
   continuation); the prediction is the best choice (the first one on an exact tie);
-* free-form: correct when greedy decoding reproduces the target ids exactly.
+* free-form: correct when greedy decoding reproduces the target ids exactly;
+* lm-eval ``generate_until`` rows (GSM8K): correct when lm-eval's answer extraction and metric
+  accept the greedy generation (:mod:`tuner.evaluate.generate`).
 
 ``margin`` measures how decisive the decision was: best minus second-best choice score, or
 for free-form the smallest top-1 minus top-2 log-probability gap over the greedy steps up to
@@ -33,6 +35,12 @@ class SampleScore:
     margin: float  # see the module docstring; inf when there is nothing to compare
     scores: list[float] | None = None  # per-choice log-likelihoods (multiple choice)
     generated: list[int] | None = None  # greedy token ids (free-form)
+    # lm-eval generate_until rows (tuner.evaluate.generate): the generated text (cut at the
+    # stop strings), the answer lm-eval's deciding filter extracted, and per filter its answer
+    # and metrics
+    text: str | None = None
+    extracted: Any = None
+    lm_eval: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

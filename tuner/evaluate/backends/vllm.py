@@ -10,7 +10,9 @@ exact log-probabilities, never read from a top-k list:
   ``prompt_logprobs=0`` (the log-probability of every prompt token as given), summed over the
   continuation;
 * free-form: greedy generation of as many tokens as the target (``ignore_eos``), with the
-  top-2 log-probabilities of every step for the margin.
+  top-2 log-probabilities of every step for the margin;
+* lm-eval ``generate_until`` rows (``gens``, :mod:`tuner.evaluate.generate`): greedy generation
+  with the task's stop strings and ``max_gen_toks``, judged by lm-eval's answer extraction.
 
 An engine is started per model variant (the deltas are applied while the checkpoint loads)
 and shut down, its processes gone, before the next one starts. Both get the same
@@ -31,6 +33,7 @@ from roma_vllm.errors import RomaError
 from tuner.config import ConfigError
 from tuner.data.prompts import Encoded
 from tuner.evaluate.backends.vllm_log import EngineLog
+from tuner.evaluate.generate import GenRequest, judge_generation
 from tuner.evaluate.options import EngineOptions
 from tuner.evaluate.results import SampleScore, choose, free_form, max_length
 
@@ -121,15 +124,30 @@ def num_requests(encoded: Sequence[Encoded]) -> int:
     return sum(len(e.continuations) if e.continuations is not None else 1 for e in encoded)
 
 
-def _requests(encoded: Sequence[Encoded]) -> tuple[list[Any], list[Any]]:
+def _requests(
+    encoded: Sequence[Encoded], gens: Sequence[GenRequest | None] | None = None
+) -> tuple[list[Any], list[Any]]:
     """Prompts and sampling params of every request, sample by sample, choice by choice."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts: list[Any] = []
     params: list[Any] = []
-    for e in encoded:
-        if e.option_ids is not None:
+    for i, e in enumerate(encoded):
+        gen = gens[i] if gens is not None else None
+        if gen is not None:  # as lm-eval's vllm model asks (greedy, its stop strings)
+            prompts.append(TokensPrompt(prompt_token_ids=list(gen.prompt_ids)))
+            params.append(
+                SamplingParams(
+                    max_tokens=gen.max_tokens,
+                    temperature=0.0,
+                    stop=list(gen.stop),
+                    logprobs=2,
+                    skip_special_tokens=False,
+                    spaces_between_special_tokens=False,
+                )
+            )
+        elif e.option_ids is not None:
             prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids)))
             params.append(
                 SamplingParams(
@@ -172,20 +190,31 @@ def _continuation_logprob(output: Any, prompt_len: int, cont: Sequence[int]) -> 
 
 def _free_form(output: Any, target: Sequence[int]) -> SampleScore:
     completion = output.outputs[0]
-    generated = list(completion.token_ids)
+    return free_form(target, list(completion.token_ids), _gaps(completion))
+
+
+def _gaps(completion: Any) -> list[float]:
     gaps = []
     for step in completion.logprobs or []:
         values = sorted((lp.logprob for lp in step.values()), reverse=True)
         gaps.append(values[0] - values[1] if len(values) > 1 else float("inf"))
-    return free_form(target, generated, gaps)
+    return gaps
 
 
-def score_outputs(encoded: Sequence[Encoded], outputs: Sequence[Any]) -> list[SampleScore]:
+def score_outputs(
+    encoded: Sequence[Encoded],
+    outputs: Sequence[Any],
+    gens: Sequence[GenRequest | None] | None = None,
+) -> list[SampleScore]:
     """Turn vLLM's request outputs (in :func:`_requests` order) into per-sample scores."""
     it = iter(outputs)
     results: list[SampleScore] = []
-    for e in encoded:
-        if e.option_ids is not None:
+    for i, e in enumerate(encoded):
+        gen = gens[i] if gens is not None else None
+        if gen is not None:
+            out = next(it).outputs[0]
+            results.append(judge_generation(gen, out.text, out.token_ids, _gaps(out)))
+        elif e.option_ids is not None:
             step = next(it).outputs[0].logprobs[0]
             results.append(choose([step[t].logprob for t in e.option_ids], e.label))
         elif e.continuations is not None:
@@ -210,11 +239,13 @@ def score_vllm(
     seed: int = 0,
     options: EngineOptions | None = None,
     progress: Callable[[int], None] | None = None,
+    gens: Sequence[GenRequest | None] | None = None,
 ) -> list[SampleScore]:
     """Score ``encoded`` with a vLLM engine of the base model, or the tuned one when
-    ``deltas_path`` is given. ``progress(n)`` is called after every ``n`` finished requests."""
+    ``deltas_path`` is given. ``progress(n)`` is called after every ``n`` finished requests.
+    ``gens[i]``, when given and not None, makes sample ``i`` an lm-eval generation."""
     opts = options or EngineOptions()
-    needed = max_length(encoded) + 1
+    needed = max([max_length(encoded), *(g.max_len for g in gens or [] if g)]) + 1
     if opts.max_model_len is not None and opts.max_model_len < needed:
         raise ConfigError(
             f"--max-model-len: {opts.max_model_len} tokens is too short for this data: its "
@@ -232,10 +263,10 @@ def score_vllm(
     )
     outputs: list[Any] = []
     with engine(verbose=opts.verbose, **kwargs) as llm:
-        prompts, params = _requests(encoded)
+        prompts, params = _requests(encoded, gens)
         for start in range(0, len(prompts), CHUNK):
             stop = start + CHUNK
             outputs += llm.generate(prompts[start:stop], params[start:stop], use_tqdm=False)
             if progress is not None:
                 progress(len(prompts[start:stop]))
-    return score_outputs(encoded, outputs)
+    return score_outputs(encoded, outputs, gens)
