@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize table1 investigate compat clean
+.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize bench-soak table1 investigate compat clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ bench-tuner: setup
 # of free memory, about an hour on 2 cores (not part of bench or test)
 bench-realsize: setup
 	$(PY) -m bench.realsize
+
+# 64 concurrent clients against vllm serve --load-format roma for 3 minutes, on loopback
+bench-soak: setup
+	$(PY) -m bench.soak
 
 table1: setup
 	$(PY) -m bench.table1
