@@ -94,16 +94,16 @@ def test_served_precision_is_the_accuracy_of_bf16_routers(cfg, tmp_path):
 
 
 def test_deterministic_mode_is_on_during_the_run_only(cfg, tmp_path, monkeypatch):
-    import tuner.run.stages as stages
+    import tuner.run.pipeline as pipeline
 
     seen: list[bool] = []
-    real = stages.train
+    real = pipeline.train
 
     def spy(*args, **kwargs):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "train", spy)
+    monkeypatch.setattr(pipeline, "train", spy)
     _run(cfg, tmp_path / "det", deterministic=True, epochs=1)
     _run(cfg, tmp_path / "plain", epochs=1)
     assert seen == [True, False]

@@ -37,11 +37,8 @@ from typing import Any
 
 import torch
 
+from roma_vllm.architectures import UnsupportedModelError
 from tuner.model.load import TunerModel
-
-
-class DenseGradError(RuntimeError):
-    """A tuned MoE layer does not have the structure the dense gradient needs."""
 
 
 def _block_of(tm: TunerModel, router: torch.nn.Module) -> torch.nn.Module:
@@ -50,7 +47,7 @@ def _block_of(tm: TunerModel, router: torch.nn.Module) -> torch.nn.Module:
         if module is router:
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             return tm.model.get_submodule(parent)
-    raise DenseGradError("router module not found in the model")
+    raise RuntimeError("router module not found in the model")  # a bug: routers come from it
 
 
 def experts_of(tm: TunerModel, layer: int) -> torch.nn.Module:
@@ -59,7 +56,7 @@ def experts_of(tm: TunerModel, layer: int) -> torch.nn.Module:
     block = _block_of(tm, tm.router_modules[layer])
     experts = getattr(block, "experts", None)
     if not isinstance(experts, torch.nn.Module):
-        raise DenseGradError(
+        raise UnsupportedModelError(
             f"--router-grad dense: the MoE block of layer {layer} "
             f"({type(block).__name__}, {tm.architecture}) has no 'experts' module"
         )
@@ -131,13 +128,13 @@ class DenseRouterGrad:
                 return None
             logits = self._logits.pop(layer, None)
             if logits is None:
-                raise DenseGradError(
+                raise RuntimeError(  # a bug: every supported block runs its router first
                     f"--router-grad dense: the experts of layer {layer} ran before its router"
                 )
             hidden = args[0] if args else kwargs["hidden_states"]
             weights = full_distribution(router, logits)
             if weights.shape[0] != hidden.shape[0]:
-                raise DenseGradError(
+                raise RuntimeError(  # a bug: router and experts see the same tokens
                     f"--router-grad dense: layer {layer}'s router saw {weights.shape[0]} "
                     f"tokens and its experts {hidden.shape[0]}"
                 )
@@ -148,7 +145,6 @@ class DenseRouterGrad:
 
 
 __all__ = [
-    "DenseGradError",
     "DenseRouterGrad",
     "dense_mixture",
     "experts_of",
