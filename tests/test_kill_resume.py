@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
+from tuner_fixtures import mc_rows, run_args, tiny_dir, write_jsonl  # noqa: F401
 
 from roma_vllm.deltas import DELTAS_FILENAME, read_deltas
 from tuner.config import TuneConfig
@@ -43,14 +43,7 @@ def cfg(tiny_dir, tmp_path_factory):  # noqa: F811
 
 
 def _command(cfg: TuneConfig, *extra: str) -> list[str]:
-    args = [str(TUNE), "run", "--no-progress"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None or value == f.default:
-            continue
-        flag = "--lambda" if f.name == "lam" else "--" + f.name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return [*args, *extra]
+    return [str(TUNE), *run_args(cfg, *extra)]
 
 
 # The same environment for every run, so that all of them compute alike.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
+from tuner_fixtures import mc_rows, run_args, tiny_dir, write_jsonl  # noqa: F401
 from typer.testing import CliRunner
 
 from roma_vllm.deltas import read_deltas
@@ -44,18 +44,6 @@ def cfg(tiny_dir, tmp_path_factory):  # noqa: F811
         model=str(tiny_dir), data=str(data), out="", layers="2-3", lam=0.1, lr=3e-2, epochs=3,
         batch_size=8, warmup=0.2, dtype="float32", seed=4,
     )  # fmt: skip
-
-
-def _args(cfg: TuneConfig, *extra: str) -> list[str]:
-    """`roma-tune run` arguments of ``cfg`` (values that differ from the defaults)."""
-    args = ["run", "--no-progress"]
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None or value == f.default:
-            continue
-        flag = "--lambda" if f.name == "lam" else "--" + f.name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    return [*args, *extra]
 
 
 def _errors(result) -> list[str]:
@@ -106,7 +94,7 @@ def test_unfinished_training_is_refused_then_resumed(cfg, uninterrupted, tmp_pat
     config_before = (out / "config.json").read_text()
     c = dataclasses.replace(cfg, out=str(out))
 
-    result = runner.invoke(app, _args(c))
+    result = runner.invoke(app, run_args(c))
     assert _errors(result) == [
         f"Error: --out {out}: holds an unfinished training of this configuration (1 of 3 "
         f"epochs done, {ckpt.parent}); pass --resume to continue it or --overwrite to delete "
@@ -116,7 +104,7 @@ def test_unfinished_training_is_refused_then_resumed(cfg, uninterrupted, tmp_pat
     assert (out / "config.json").read_text() == config_before
     assert not (out / "roma_deltas.safetensors").exists()
 
-    result = runner.invoke(app, _args(c, "--resume"))
+    result = runner.invoke(app, run_args(c, "--resume"))
     assert result.exit_code == 0, result.output
     _assert_same(read_deltas(out), uninterrupted)
     events = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -135,7 +123,7 @@ def test_overwrite_deletes_the_unfinished_training_and_says_so(cfg, uninterrupte
     for p in kept:
         p.write_text("mine")
 
-    result = runner.invoke(app, _args(dataclasses.replace(cfg, out=str(out)), "--overwrite"))
+    result = runner.invoke(app, run_args(dataclasses.replace(cfg, out=str(out)), "--overwrite"))
     assert result.exit_code == 0, result.output
     text = _text(result)
     assert (
@@ -181,7 +169,7 @@ def test_second_run_on_the_same_directory_is_refused_naming_the_holder(cfg, tmp_
     first_cfg = dataclasses.replace(cfg, out=str(out), epochs=40, batch_size=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(
-        [str(TUNE), *_args(first_cfg)],
+        [str(TUNE), *run_args(first_cfg)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -195,7 +183,7 @@ def test_second_run_on_the_same_directory_is_refused_naming_the_holder(cfg, tmp_
         since = datetime.fromisoformat(holder["since"])
         assert started.timestamp() - 1 <= since.timestamp() <= time.time()
 
-        result = runner.invoke(app, _args(dataclasses.replace(cfg, out=str(out))))
+        result = runner.invoke(app, run_args(dataclasses.replace(cfg, out=str(out))))
         assert (
             result.output.strip().splitlines()
             == _errors(result)

@@ -5,9 +5,11 @@ Import the fixtures into a test module (``from tuner_fixtures import tiny_dir``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +62,16 @@ def mc_rows(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run_args(cfg: Any, *extra: str) -> list[str]:
+    """`roma-tune run` arguments of a :class:`tuner.config.TuneConfig` (the values that
+    differ from the defaults), then ``extra``."""
+    args = ["run", "--no-progress"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or value == f.default:
+            continue
+        flag = "--lambda" if f.name == "lam" else "--" + f.name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return [*args, *extra]
