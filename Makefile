@@ -57,8 +57,9 @@ bench-serve: setup
 bench-tuner: setup
 	$(PY) -m bench.tuner_speed
 
-# A 7B-shaped MoE in bf16: a ~14 GB random checkpoint built once in bench/.cache/, ~18 GiB
-# of free memory, about an hour on 2 cores (not part of bench or test)
+# A 7B-shaped MoE in bf16: a ~14 GB random checkpoint built once in bench/.cache/ (~10 min),
+# ~18 GiB of free memory, 10-25 min on 2 cores, longer when other work shares them
+# (not part of bench or test)
 bench-realsize: setup
 	$(PY) -m bench.realsize
 

@@ -26,7 +26,7 @@ from bench.realsize.build import (
     write_prompts,
 )
 from bench.realsize.measure import engine_rounds, refused_float32, tune
-from bench.realsize.report import GOALS, readme_section, summarise
+from bench.realsize.report import GOALS, headline, readme_section, summarise
 
 OUT = RESULTS / "realsize.json"
 
@@ -44,11 +44,20 @@ def prompt_tokens(model: Path, data: Path) -> dict[str, Any]:
     return {"rows": len(enc), "prompt_tokens": f"{min(lengths)}-{max(lengths)}"}
 
 
+def previous_runs(out: Path, keep: int = 5) -> list[dict[str, Any]]:
+    """The last ``keep`` runs' key figures: those the results file already lists, and its own."""
+    try:
+        prev = json.loads(out.read_text())
+        return [*prev.get("history", []), headline(summarise(prev))][-keep:]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.realsize", description=package.__doc__.split("\n\n")[0]
     )
-    ap.add_argument("--pairs", type=int, default=2, help="base/roma pairs of vLLM engine starts.")
+    ap.add_argument("--pairs", type=int, default=3, help="base/roma pairs of vLLM engine starts.")
     ap.add_argument("--cache", type=Path, default=CACHE, help="Where the checkpoint is kept.")
     ap.add_argument("--work", type=Path, default=None, help="Scratch folder (default: temp dir).")
     ap.add_argument("--out", type=Path, default=OUT, help="Results JSON.")
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+    res["history"] = previous_runs(args.out) if not args.smoke else []
     write_json(args.out, res)  # the raw measurements first: --render summarises them again
     res = summarise(res)
     write_json(args.out, res)
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     v, t = res["vllm"], res["tune"]
     print(
         f"\nvLLM model load roma/base {v['model_load_s']['ratio_median']:.3f} (goal <= 1.02); "
-        f"peak RSS roma - base {v['maxrss_bytes']['difference_median'] / 2**20:+.0f} MiB; "
+        f"anonymous memory roma - base {v['extra_anon_bytes'] / 1e6:+.2f} MB; "
         f"tune peak RSS / checkpoint {t['peak_rss_over_checkpoint']['plain']:.2f}x (goal <= 1.2); "
         f"epoch / forward {t['wall']['epoch_over_forward']:.2f}x (goal <= 1.5), cached "
         f"{t['wall']['cached_epoch_over_forward']:.2f}x (goal <= 1.0); "

@@ -5,11 +5,14 @@ engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` execut
 one process holds every weight. Written to OUT (JSON): the engine start-up and the model
 load (``get_model``: build, stream + merge, post-process) in wall and CPU seconds, the
 loader's own work (roma only), the process's resident memory after loading (``VmRSS``,
-``RssAnon``, and its peak ``VmHWM``), and the greedy tokens of one short prompt.
+``RssAnon``, and its peak ``VmHWM``), the same after ``malloc_trim`` (glibc hands the freed
+memory it kept back to the kernel: what remains is memory in use), and the greedy tokens of
+one short prompt.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -71,6 +74,8 @@ def main(model: str, out: str, deltas: str | None = None) -> None:
     llm = LLM(model, **kwargs)
     start, start_cpu = time.perf_counter() - t0, time.process_time() - c0
     memory = proc_status()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = proc_status()
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPT], params, use_tqdm=False)
     result = {
@@ -80,6 +85,7 @@ def main(model: str, out: str, deltas: str | None = None) -> None:
         "model_load_cpu_s": loads[-1][1],
         "loader_own_s": own[-1] if own else None,
         "memory_after_load": memory,
+        "memory_after_trim": trimmed,
         "tokens": list(outs[0].outputs[0].token_ids),
     }
     Path(out).write_text(json.dumps(result) + "\n")

@@ -126,7 +126,7 @@ def run_measured(args: list[str], log: Path, env: dict[str, str] | None = None) 
     with log.open("a") as f:
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
         proc = subprocess.Popen(
             args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
@@ -136,6 +136,8 @@ def run_measured(args: list[str], log: Path, env: dict[str, str] | None = None) 
     return {
         "returncode": proc.returncode,
         "wall_s": round(time.perf_counter() - t0, 2),
+        # other work's load on the machine (1-min average) as the command started and ended
+        "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_bytes": peak.rss,
         "peak_anon_bytes": peak.anon,
