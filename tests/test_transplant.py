@@ -302,8 +302,8 @@ def run_one(tm, enc, i: int, target: torch.Tensor) -> tuple[bool, torch.Tensor]:
 
 def test_diagnose_transplant_command_reports_the_brute_force_recount(
     counted,
-    tiny_dir,
-    tmp_path,  # noqa: F811
+    tiny_dir,  # noqa: F811
+    tmp_path,
 ):
     """`roma-tune diagnose transplant` prints and writes the fix counts that an independent
     one-sample-at-a-time recount gives."""
