@@ -10,10 +10,11 @@ vLLM with and without router deltas, and tuned by `roma-tune run`, on this machi
 * vLLM engines, each in a fresh process, alternate base / roma (deltas on the last 5
   routers): model-load time (paired ratio) and the process's peak resident memory
   (:mod:`bench.realsize.engine`, :mod:`bench.realsize.measure`);
-* ``roma-tune run`` in bf16 on 32 short four-choice prompts, last 5 routers, one epoch,
+* ``roma-tune run`` in bf16 on 32 short four-choice prompts, last 5 routers, three epochs,
   without and with ``--cache-frozen-layers``: peak resident memory against the checkpoint's
-  size, samples/s, and the epoch's time against one no-grad forward over the same rows
-  (both from the run's own log);
+  size, samples/s, and an epoch's time against one no-grad forward over the same rows
+  (the fastest of each, from the run's own log: other work on a shared machine only ever
+  slows a run down);
 
 then writes ``bench/results/realsize.json`` and the "## Real size" section of
 ``bench/README.md`` (:mod:`bench.realsize.report`). It needs ~14 GB of disk once and
