@@ -12,9 +12,6 @@ generated text, every filter's extracted answer and its ``exact_match``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is installed by `make setup` (ext
 from tuner_fixtures import tiny_dir  # noqa: E402, F401
 from typer.testing import CliRunner  # noqa: E402
 
+from roma_vllm.testing.lm_eval_cli import run_lm_eval  # noqa: E402
 from tuner.cli.app import app  # noqa: E402
 from tuner.data.sources import load_examples  # noqa: E402
 
@@ -136,15 +134,10 @@ def _task_yaml(folder: Path, data: Path) -> Path:
 
 def _lm_eval_samples(model: Path, tasks: Path, out: Path) -> dict[int, dict[str, dict]]:
     """lm-eval's CLI in a fresh process: per document, per filter, its sample record."""
-    env = {k: v for k, v in os.environ.items() if k != "ROMA_DELTAS"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args = {"pretrained": str(model), "dtype": "float32", "max_model_len": 256}
     args["enforce_eager"] = True  # minutes of compilation on CPU otherwise
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "vllm", "--model_args", json.dumps(args)]
-    cmd += ["--include_path", str(tasks), "--tasks", "roma_gsm8k", "--num_fewshot", "0"]
-    cmd += ["--output_path", str(out), "--log_samples"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cli = ["--model", "vllm", "--model_args", json.dumps(args), "--include_path", str(tasks)]
+    run_lm_eval([*cli, "--tasks", "roma_gsm8k", "--num_fewshot", "0", "--log_samples"], out)
     (samples,) = out.rglob("samples_roma_gsm8k_*.jsonl")
     per_doc: dict[int, dict[str, dict]] = {}
     for line in samples.read_text().splitlines():

@@ -13,16 +13,14 @@ shared continuation). Four engine starts in all.
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tuner_fixtures import WORDS, mc_rows, tiny_dir  # noqa: F401
 from typer.testing import CliRunner
 
+from roma_vllm.testing.lm_eval_cli import run_lm_eval
 from tuner.cli.app import app
 
 pytestmark = pytest.mark.vllm
@@ -67,13 +65,9 @@ def _tasks(root: Path) -> Path:
 
 def _lm_eval(model_args: dict, tasks: Path, out: Path) -> dict[str, tuple[float, dict]]:
     """lm-eval's CLI in a fresh process: per task, (acc, choice log-likelihoods per document)."""
-    env = {k: v for k, v in os.environ.items() if k != "ROMA_DELTAS"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "vllm"]
-    cmd += ["--model_args", json.dumps(model_args), "--include_path", str(tasks)]
-    cmd += ["--tasks", ",".join(TASKS), "--num_fewshot", "0", "--output_path", str(out)]
-    proc = subprocess.run([*cmd, "--log_samples"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--model", "vllm", "--model_args", json.dumps(model_args), "--include_path", str(tasks)]
+    args += ["--tasks", ",".join(TASKS), "--num_fewshot", "0", "--log_samples"]
+    run_lm_eval(args, out)
     (results,) = out.rglob("results_*.json")
     accs = json.loads(results.read_text())["results"]
     per_task = {}
