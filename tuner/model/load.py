@@ -47,6 +47,7 @@ from roma_vllm.hf import hf_parameter
 from tuner.config import ConfigError
 from tuner.model.dtypes import DTYPES, resolve_dtype
 from tuner.model.memory import plan_dtype
+from tuner.model.weights import pread_state_dict
 
 DEFAULT_LAST_LAYERS = 5
 
@@ -233,7 +234,12 @@ def load_model(
         kwargs["experts_implementation"] = "eager"  # batched_mm is ~70x slower on CPU
     cls = getattr(transformers, arch, None) if not trust_remote_code else None
     try:
-        if cls is not None:
+        if cls is not None and "quantization_config" not in config:
+            # tensor by tensor with pread: no mapped copy of the checkpoint in RSS
+            with pread_state_dict(ckpt) as state:
+                hf_config = cls.config_class.from_pretrained(str(ckpt))
+                hf = cls.from_pretrained(None, config=hf_config, state_dict=state, **kwargs)
+        elif cls is not None:
             hf = cls.from_pretrained(str(ckpt), **kwargs)
         else:
             hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
