@@ -15,12 +15,14 @@ neighbour targets, AdamW, warm-up, clipping and global batch size:
   only at the scored positions.
 * ``ours_cached``: the same with ``--cache-frozen-layers`` (hidden states entering the lowest tuned
   layer computed once and read from disk every epoch); the one-time build is timed apart.
+* ``ours_dense``: ``ours`` with ``--router-grad dense`` (the straight-through gradient of the
+  mixture of all experts, :mod:`tuner.model.dense_grad`): its cost against ``ours``.
 
 Before timing, one batch is scored both ways and the losses and router gradients must
 agree: the naive loop optimises the same objective.
 
 Method: every (variant, repetition) runs in a fresh Python subprocess, the variants
-alternating in a rotating order (A B C, B C A, C A B). Each process first runs one untimed
+alternating in a rotating order (A B C D, B C D A, ...). Each process first runs one untimed
 step (first-call costs), then times every epoch the same way for every variant (collation
 and optimiser step included, snapshot passes excluded), in wall-clock and in CPU time; the
 medians over all timed epochs of all repetitions are reported. CPU time is the steadier

@@ -103,7 +103,10 @@ def worker(variant: str, work: Path, s: Setup) -> dict[str, Any]:
         if variant == "naive":
             epochs = naive_train(tm, encoded, s, snap, nb)
         else:
-            cfg = tune_config(s, work / "model", work / "train.jsonl", variant == "ours_cached")
+            grad = "dense" if variant == "ours_dense" else "topk"
+            cfg = tune_config(
+                s, work / "model", work / "train.jsonl", variant == "ours_cached", grad
+            )
             cpu_marks = [time.process_time()]
             result = train(tm, encoded, cfg, snap, lambda _: nb, lambda: snap, Path(tmp),
                            neighbours=nb, prefix=prefix,
@@ -138,7 +141,8 @@ def run_variants(s: Setup, work: Path, reps: int) -> list[dict[str, Any]] | None
     runs = []
     setup_args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(s).items()]
     for rep in range(reps):
-        order = VARIANTS[rep % 3 :] + VARIANTS[: rep % 3]  # rotate: A/B/C, B/C/A, ...
+        r = rep % len(VARIANTS)
+        order = VARIANTS[r:] + VARIANTS[:r]  # rotate: A/B/C/D, B/C/D/A, ...
         for v in order:
             cmd = [sys.executable, "-m", "bench.tuner_speed", "--worker", v]
             cmd += ["--work", str(work), *setup_args]

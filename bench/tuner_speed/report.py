@@ -33,7 +33,7 @@ def summarise(runs: list[dict[str, Any]], s: Setup) -> dict[str, Any]:
             # the one-time build spread over the default 3 epochs
             epoch_s = s.samples / med[v]["samples_per_s"]
             med[v]["samples_per_s_incl_build_3_epochs"] = 3 * s.samples / (3 * epoch_s + build)
-    n, o, c = med["naive"], med["ours"], med["ours_cached"]
+    n, o, c, d = med["naive"], med["ours"], med["ours_cached"], med["ours_dense"]
     ratios = {
         "speed_ours_over_naive": o["samples_per_s"] / n["samples_per_s"],
         "speed_cached_over_naive": c["samples_per_s"] / n["samples_per_s"],
@@ -46,13 +46,21 @@ def summarise(runs: list[dict[str, Any]], s: Setup) -> dict[str, Any]:
         "working_memory_cached_over_naive": c["working_mib"] / n["working_mib"],
         "peak_rss_ours_over_naive": o["peak_mib"] / n["peak_mib"],
         "peak_rss_cached_over_naive": c["peak_mib"] / n["peak_mib"],
+        # --router-grad dense against the default top-k gradient (issue 14's cost question)
+        "speed_dense_over_ours": d["samples_per_s"] / o["samples_per_s"],
+        "cpu_speed_dense_over_ours": d["cpu_samples_per_s"] / o["cpu_samples_per_s"],
+        "working_memory_dense_over_ours": d["working_mib"] / o["working_mib"],
     }
     # the same ratios within each repetition (its three runs ran back to back)
     per_rep = []
     for rep in sorted({r["rep"] for r in runs}):
         by = {r["variant"]: _median(r["samples_per_s"]) for r in runs if r["rep"] == rep}
         per_rep.append(
-            {"ours": by["ours"] / by["naive"], "ours_cached": by["ours_cached"] / by["naive"]}
+            {
+                "ours": by["ours"] / by["naive"],
+                "ours_cached": by["ours_cached"] / by["naive"],
+                "dense_over_ours": by["ours_dense"] / by["ours"],
+            }
         )
     met = {
         "speed ours >= 2x": ratios["speed_ours_over_naive"] >= TARGETS["speed_ours"],
@@ -78,7 +86,7 @@ def readme_section(res: dict[str, Any]) -> str:
         for v in VARIANTS
     )
     reps = ", ".join(
-        f"{x['ours']:.2f}x / {x['ours_cached']:.2f}x"
+        f"{x['ours']:.2f}x / {x['ours_cached']:.2f}x, {x['dense_over_ours']:.2f}x"
         for x in res["summary"]["speed_ratios_per_rep"]
     )
     base = med["ours"]["peak_mib"] - med["ours"]["working_mib"]
@@ -124,8 +132,13 @@ memory is that peak minus the resident size when training started.
 | ours / naive working memory | **{r["working_memory_ours_over_naive"]:.2f}x** | | <= 0.5x |
 | ours `--cache-frozen-layers` / naive working memory | {r["working_memory_cached_over_naive"]:.2f}x | | <= 0.5x |
 | ours / naive whole-process peak RSS | {r["peak_rss_ours_over_naive"]:.2f}x | | |
+| `--router-grad dense` / top-k (ours) speed | **{r["speed_dense_over_ours"]:.2f}x** | {r["cpu_speed_dense_over_ours"]:.2f}x | (cost) |
+| `--router-grad dense` / top-k (ours) working memory | {r["working_memory_dense_over_ours"]:.2f}x | | (cost) |
 
-* Speed ratios per repetition (ours / cached, wall clock): {reps}.
+* Speed ratios per repetition (ours / cached over naive, dense over ours; wall clock): {reps}.
+* `--router-grad dense` (`ours_dense`) runs every expert of the tuned layers on every token
+  in the backward's dense mixture ({s["experts"]} experts here, top-{s["top_k"]} served), so
+  it costs more per step than the default top-k gradient; the rows above measure how much.
 * Wall-clock time per CPU-second: {waits}. Above 1 the process waited for a core
   while others' work ran; that inflates the wall-clock ratios, so the CPU-time ratios are
   the conservative figures.

@@ -12,7 +12,7 @@ from typing import Any
 from bench.common import RESULTS as RESULTS_DIR
 
 RESULTS = RESULTS_DIR / "tuner_speed.json"
-VARIANTS = ("naive", "ours", "ours_cached")
+VARIANTS = ("naive", "ours", "ours_cached", "ours_dense")
 TARGETS = {"speed_ours": 2.0, "speed_cached": 3.0, "memory": 0.5}
 
 
@@ -80,7 +80,9 @@ def build(work: Path, s: Setup) -> tuple[Path, Path]:
     return model, data
 
 
-def tune_config(s: Setup, model: Path, data: Path, cache_frozen_layers: bool = False) -> Any:
+def tune_config(
+    s: Setup, model: Path, data: Path, cache_frozen_layers: bool = False, router_grad: str = "topk"
+) -> Any:
     """The ``roma-tune run`` configuration of ``s`` (what ``ours`` trains with)."""
     from tuner.config import TuneConfig
 
@@ -95,6 +97,7 @@ def tune_config(s: Setup, model: Path, data: Path, cache_frozen_layers: bool = F
         batch_size=s.batch_size,
         refresh="never",  # the snapshot pass is the same for both; time training only
         cache_frozen_layers=cache_frozen_layers,
+        router_grad=router_grad,
         seed=s.seed,
     )
 
