@@ -64,6 +64,13 @@ def resolve_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's shards: those ``model.safetensors.index.json`` names when it exists
+    (a stray file beside them, such as Mistral's ``consolidated.safetensors``, is not part of
+    the Hugging Face checkpoint), else every ``*.safetensors`` file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise MissingFileError(

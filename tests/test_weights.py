@@ -15,8 +15,9 @@ import transformers
 from conftest import ALL_ARCHITECTURES
 from safetensors.torch import save_file
 
+from roma_vllm.checkpoint import checkpoint_shapes, safetensors_files
 from tuner.model.load import load_model
-from tuner.model.weights import SEQUENTIAL, pread_state_dict, shard_files
+from tuner.model.weights import SEQUENTIAL, pread_state_dict
 
 
 def _resharded(src: Path, dst: Path) -> Path:
@@ -35,7 +36,7 @@ def test_pread_load_equals_transformers_own(
     arch: str, tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     ckpt = _resharded(tiny_model(arch), tmp_path / "sharded")
-    assert len(shard_files(ckpt)) > 1
+    assert len(safetensors_files(ckpt)) > 1
     ours = load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False).model
     theirs = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32)
     mine, ref = ours.state_dict(), theirs.state_dict()
@@ -51,6 +52,7 @@ def test_shards_come_from_the_index(tiny_model: Callable[..., Path], tmp_path: P
     ckpt = _resharded(tiny_model("OlmoeForCausalLM"), tmp_path / "sharded")
     save_file({"junk": torch.zeros(3)}, ckpt / "consolidated.safetensors")
     indexed = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"])
+    assert set(checkpoint_shapes(ckpt)) == indexed
     with pread_state_dict(ckpt) as state:
         assert set(state) == indexed
         assert os.environ[SEQUENTIAL] == "1"

@@ -12,7 +12,6 @@ transformers uses on Windows) and loading sequentially (transformers'
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,15 +25,6 @@ from roma_vllm.checkpoint import safetensors_files
 SEQUENTIAL = "HF_DEACTIVATE_ASYNC_LOAD"  # transformers: no thread pool when loading
 
 
-def shard_files(ckpt: Path) -> list[Path]:
-    """The checkpoint's shards: those its index names, else every ``*.safetensors`` file."""
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [ckpt / n for n in names]
-    return safetensors_files(ckpt)
-
-
 @contextmanager
 def pread_state_dict(ckpt: Path) -> Iterator[dict[str, Any]]:
     """Name -> lazy ``pread`` slice for every tensor of ``ckpt``, with sequential loading on.
@@ -46,7 +36,7 @@ def pread_state_dict(ckpt: Path) -> Iterator[dict[str, Any]]:
     previous = os.environ.get(SEQUENTIAL)
     try:
         state: dict[str, Any] = {}
-        for path in shard_files(ckpt):
+        for path in safetensors_files(ckpt):
             handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
             handles.append(handle)
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
