@@ -39,27 +39,10 @@ import typer
 from rich.progress import track
 
 from bench.common import DEMO_DATA, DEMO_MODEL, write_json
+from tuner.diagnose.transplant import prompt_positions
 
 SCOPES = ("last", "all")
 app = typer.Typer(add_completion=False)
-
-
-def prompt_positions(
-    batch: Any, encoded: Sequence[Any], scope: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat token indices, the sample in the batch each belongs to): the last prompt token
-    (``last``) or every prompt token (``all``) of every row."""
-    width = batch.input_ids.shape[1]
-    flat: list[int] = []
-    owner: list[int] = []
-    for r, (s, j) in enumerate(batch.rows):
-        off = width - batch.row_lengths[r] if batch.left_padded else 0
-        n = encoded[batch.indices[s]].prompt_len(j)
-        first = n - 1 if scope == "last" else 0
-        for t in range(first, n):
-            flat.append(r * width + off + t)
-            owner.append(s)
-    return torch.tensor(flat), torch.tensor(owner)
 
 
 @torch.no_grad()
@@ -211,7 +194,11 @@ def run_c3po(
     ref_enc = encode(ref_ex, tm.tokenizer, scoring)
     snap = take_snapshot(tm, ref_enc, 32)
     ref_emb = embed_texts([x.prompt for x in ref_ex], DEFAULT_EMBEDDER)
-    ref_routing = {sc: reference_routing(tm, ref_enc, sc, 32) for sc in scopes}
+    # the snapshot's routing vectors are the last-prompt-token routing already
+    ref_routing = {
+        sc: snap.routing if sc == "last" else reference_routing(tm, ref_enc, sc, 32)
+        for sc in scopes
+    }
 
     def prepare(path: str, limit: int | None = None) -> tuple[list[Any], list[Any], Any]:
         ex = load_examples(path, limit=limit).examples

@@ -1,5 +1,6 @@
-"""bench.c3po: its token positions, its reference routing and its kernel-regression step,
-each against an independent computation (the transplant diagnostic's own code)."""
+"""bench.c3po: the every-prompt-token positions, its reference routing and its
+kernel-regression step, each against an independent computation (the positions counted
+by hand, the snapshot's routing and the transplant diagnostic's rescoring)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from tuner_fixtures import mc_rows, tiny_dir  # noqa: F401
 
-from bench.c3po import c3po_correct, prompt_positions, reference_routing
+from bench.c3po import c3po_correct, reference_routing
 from tuner.data.prompts import Encoded, encode
 from tuner.data.sources import load_examples
-from tuner.diagnose.transplant import last_prompt_positions, rescore
+from tuner.diagnose.transplant import prompt_positions, rescore
 from tuner.model.forward import collate
 from tuner.model.load import load_model
 from tuner.roma.snapshot import take_snapshot
@@ -33,11 +34,9 @@ def setup(tiny_dir, tmp_path_factory):  # noqa: F811
 def test_positions_last_and_all(setup: tuple) -> None:
     tm, encoded = setup
     batch = collate(encoded, list(range(len(encoded))), tm.tokenizer.pad_token_id)
-    last, owner = prompt_positions(batch, encoded, "last")
-    ref_last, ref_owner = last_prompt_positions(batch, encoded)
-    assert torch.equal(last, ref_last) and torch.equal(owner, ref_owner)
-    every, every_owner = prompt_positions(batch, encoded, "all")
     width = batch.input_ids.shape[1]
+    last, _ = prompt_positions(batch, encoded, "last")  # checked in tests/test_transplant.py
+    every, every_owner = prompt_positions(batch, encoded, "all")
     expected = [
         r * width + t
         for r, (s, j) in enumerate(batch.rows)
@@ -45,6 +44,8 @@ def test_positions_last_and_all(setup: tuple) -> None:
     ]
     assert every.tolist() == expected
     assert set(last.tolist()) <= set(every.tolist())
+    with pytest.raises(ValueError, match="scope: 'last' or 'all', got 'first'"):
+        prompt_positions(batch, encoded, "first")
     assert torch.equal(torch.bincount(every_owner), torch.tensor(
         [sum(e.prompt_len(j) for j in range(len(e.continuations or [0]))) for e in encoded]
     ))  # fmt: skip

@@ -13,7 +13,7 @@ from tuner.data.prompts import encode
 from tuner.data.sources import load_examples
 from tuner.diagnose.transplant import (
     RoutingOverride,
-    last_prompt_positions,
+    prompt_positions,
     rescore,
     transplant_accuracy,
     transplant_targets,
@@ -65,7 +65,7 @@ def dirichlet(s: int, layers: int, experts: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_last_prompt_positions_point_at_every_rows_last_prompt_token(
+def test_prompt_positions_point_at_every_rows_last_prompt_token(
     tmp_path,
     tiny_dir,  # noqa: F811
     padding,
@@ -73,7 +73,7 @@ def test_last_prompt_positions_point_at_every_rows_last_prompt_token(
     tm, _, enc = load(tmp_path, tiny_dir, multi_token_rows(6), "loglik")
     assert all(e.num_rows > 1 for e in enc)
     batch = collate(enc, [0, 3, 5], tm.tokenizer.pad_token_id, padding)
-    flat, owner = last_prompt_positions(batch, enc)
+    flat, owner = prompt_positions(batch, enc)
     ids, mask = batch.input_ids.reshape(-1), batch.attention_mask
     width = batch.input_ids.shape[1]
     assert len(flat) == sum(enc[i].num_rows for i in [0, 3, 5])
@@ -106,7 +106,7 @@ def test_override_replaces_router_output_exactly_at_the_last_prompt_tokens(
     assert getattr(all_gates[1], "norm_topk_prob", renorm) == renorm
     samples = [0, 2, 4, 5]
     batch = collate(enc, samples, tm.tokenizer.pad_token_id)
-    flat, owner = last_prompt_positions(batch, enc)
+    flat, owner = prompt_positions(batch, enc)
     targets = dirichlet(len(samples), 2, tm.num_experts, seed=0)
     seen: dict[int, tuple] = {}
 

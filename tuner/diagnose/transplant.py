@@ -56,14 +56,22 @@ class RoutingOverride(RouterOverride):
         return self.positions, t.clamp_min(1e-30).log(), t
 
 
-def last_prompt_positions(batch: Any, encoded: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat index of the last prompt token in every row, the row's sample in the batch)."""
+def prompt_positions(
+    batch: Any, encoded: Sequence[Any], scope: str = "last"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat token indices, the sample in the batch each belongs to): the last prompt token
+    (``last``) or every prompt token (``all``, used by ``bench.c3po``) of every row."""
+    if scope not in ("last", "all"):
+        raise ValueError(f"scope: 'last' or 'all', got {scope!r}")
     width = batch.input_ids.shape[1]
-    flat, owner = [], []
+    flat: list[int] = []
+    owner: list[int] = []
     for r, (s, j) in enumerate(batch.rows):
         off = width - batch.row_lengths[r] if batch.left_padded else 0
-        flat.append(r * width + off + encoded[batch.indices[s]].prompt_len(j) - 1)
-        owner.append(s)
+        n = encoded[batch.indices[s]].prompt_len(j)
+        for t in range(n - 1 if scope == "last" else 0, n):
+            flat.append(r * width + off + t)
+            owner.append(s)
     return torch.tensor(flat), torch.tensor(owner)
 
 
@@ -84,7 +92,7 @@ def rescore(
     with RoutingCapture(tm) as cap, RoutingOverride(tm) as over:
         for idx in sorted_batches(sub, batch_size):
             batch = collate(encoded, [samples[i] for i in idx], tm.tokenizer.pad_token_id)
-            flat, owner = last_prompt_positions(batch, encoded)
+            flat, owner = prompt_positions(batch, encoded)
             over.positions, over.targets = flat, targets[torch.tensor(idx)][owner]
             out = forward(tm, batch.to(tm.device), cap)
             ok = score(out, batch).correct.cpu()
