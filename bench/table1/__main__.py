@@ -30,7 +30,7 @@ from bench.common import (
 )
 from bench.table1.folds import Unit, tasks_of, units, write_unit
 from bench.table1.report import markdown, plot
-from bench.table1.runs import UnitRunner, oracle
+from bench.table1.runs import UnitRunner, oracle, run_name
 from bench.table1.summary import table
 
 app = typer.Typer(add_completion=False)
@@ -90,9 +90,8 @@ def main(
             "base": {t: v["base"]["accuracy"] for t, v in base["per_task"].items()},
         }
 
+    test = data / "test.jsonl"  # the seen unit's test rows: every family's
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        test = work / "seen" / "data" / "test.jsonl"
-        write_unit(plan[0], data, test.parent, rows_per_task)
         oracle_job = pool.submit(
             oracle, model, test, oracle_steps, work / "oracle.json", work / "oracle.log"
         )
@@ -124,8 +123,6 @@ def main(
     plot(record, out / "table1_accuracy.png")
     roma = work / "seen" / "runs"
     chosen = done[0]["search"]["chosen"]["RoMA"]
-    from bench.table1.runs import run_name
-
     run_logged(
         [
             TUNE,

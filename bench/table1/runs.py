@@ -13,12 +13,11 @@ same settings is read back instead of trained again, so a stopped experiment res
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, TUNE, run_logged
+from bench.common import TUNE, run_logged
 
 # condition -> (router gradient, RoMA or router tuning)
 CONDITIONS: dict[str, tuple[str, bool]] = {
@@ -103,26 +102,26 @@ class UnitRunner:
         learning rate first; RoMA's lambda at that rate), and every search run."""
         chosen: dict[str, dict[str, Any]] = {}
         runs: list[dict[str, Any]] = []
-        for grad in ("topk", "dense"):
-            rt_name = next(c for c, v in CONDITIONS.items() if v == (grad, False))
-            roma_name = next(c for c, v in CONDITIONS.items() if v == (grad, True))
-            for cond, options in (
-                (rt_name, [{"lr": lr, "lambda": 0} for lr in grid["lr"]]),
-                (roma_name, None),
-            ):
-                if options is None:  # RoMA: lambda searched at router tuning's best lr
-                    lr = chosen[rt_name]["lr"]
-                    options = [{"lr": lr, "lambda": lam} for lam in grid["lambda"]]
-                tried = []
-                for option in options:
-                    params = {**shared, **option, "router-grad": grad}
-                    _, training = self.trained(params, seed)
-                    acc, epoch = best_epoch(training)
-                    tried.append((acc, -epoch, params))
-                    runs.append({"condition": cond, "params": params, "val_accuracy": acc,
-                                 "best_epoch": epoch})  # fmt: skip
-                acc, neg_epoch, params = max(tried, key=lambda t: (t[0], t[1]))
-                chosen[cond] = {**params, "epochs": -neg_epoch}
+
+        def best(cond: str, options: list[dict[str, Any]]) -> dict[str, Any]:
+            """The option with the best validation accuracy (fewest epochs on ties), with
+            its number of epochs; the earlier option on a full tie."""
+            tried = []
+            for option in options:
+                params = {**shared, **option, "router-grad": CONDITIONS[cond][0]}
+                acc, epochs = best_epoch(self.trained(params, seed)[1])
+                tried.append((acc, -epochs, params))
+                runs.append({"condition": cond, "params": params, "val_accuracy": acc,
+                             "best_epoch": epochs})  # fmt: skip
+            _, neg_epochs, params = max(tried, key=lambda t: (t[0], t[1]))
+            return {**params, "epochs": -neg_epochs}
+
+        for cond, (_, roma) in CONDITIONS.items():  # router tuning before RoMA, per gradient
+            if not roma:
+                chosen[cond] = best(cond, [{"lr": lr, "lambda": 0} for lr in grid["lr"]])
+                lr = chosen[cond]["lr"]
+            else:  # lambda searched at router tuning's best lr
+                chosen[cond] = best(cond, [{"lr": lr, "lambda": lam} for lam in grid["lambda"]])
         return {"chosen": chosen, "runs": runs}
 
     def finals(self, chosen: dict[str, dict[str, Any]], seeds: list[int]) -> dict[str, list]:
@@ -160,7 +159,5 @@ def oracle(model: str, test: Path, steps: int, out: Path, log: Path) -> dict[str
     """``bench.oracle`` in its own process (cached in ``out``)."""
     if not out.exists():
         args = [sys.executable, "-m", "bench.oracle", "--model", model, "--data", str(test)]
-        args += ["--steps", str(steps), "--json", str(out)]
-        with log.open("a") as f:
-            subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, check=True)
+        run_logged([*args, "--steps", str(steps), "--json", str(out)], log)
     return json.loads(out.read_text())
