@@ -38,6 +38,18 @@ ALL_ARCHITECTURES = [
 ]
 
 
+def stored_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of every ``*.safetensors`` file in ``folder``, read directly (tests'
+    independent reader, not the project's checkpoint code)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            tensors.update({n: h.get_tensor(n) for n in h.keys()})  # noqa: SIM118
+    return tensors
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     """One small trained BPE tokenizer shared by every tiny model of the session."""

@@ -7,20 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import stored_tensors
 from typer.testing import CliRunner
 
 from roma_vllm.deltas import RouterDeltas, add_delta, make_deltas, read_deltas, write_deltas
 from tuner.cli.app import app
 from tuner.export.merge import MERGE_RECORD, merge
-
-
-def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({n: h.get_tensor(n) for n in h.keys()})  # noqa: SIM118
-    return out
 
 
 def _deltas(model_dir: Path, layers: set[int] | None = None) -> RouterDeltas:
@@ -72,7 +64,7 @@ def test_merged_routers_and_other_tensors(sharded: tuple[Path, Path], tmp_path: 
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     deltas = read_deltas(deltas_path)
-    base, merged = _tensors(model), _tensors(out)
+    base, merged = stored_tensors(model), stored_tensors(out)
     assert set(base) == set(merged)
     for name, t in base.items():
         assert merged[name].dtype == t.dtype and merged[name].shape == t.shape

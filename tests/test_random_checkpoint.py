@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stored_tensors
 from safetensors import safe_open
 
 from bench.realsize.build import COMPLETE, _recipe, is_complete
@@ -32,19 +33,11 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_checkpoint(out, shard_bytes=4_000_000, **SMALL)
 
 
-def _stored(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            tensors.update({n: h.get_tensor(n) for n in h.keys()})  # noqa: SIM118
-    return tensors
-
-
 def test_shards_hold_every_tensor_of_the_layout_in_bf16(small: Path) -> None:
     config = json.loads((small / "config.json").read_text())
     assert config["vocab_size"] == 50304 and config["dtype"] == "bfloat16"
     expected = olmoe_shapes(olmoe_config(**SMALL))
-    stored = _stored(small)
+    stored = stored_tensors(small)
     assert {n: tuple(t.shape) for n, t in stored.items()} == expected
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
     shards = sorted(small.glob("*.safetensors"))
@@ -62,7 +55,7 @@ def test_shards_hold_every_tensor_of_the_layout_in_bf16(small: Path) -> None:
 
 
 def test_weights_are_drawn_as_documented(small: Path) -> None:
-    stored = _stored(small)
+    stored = stored_tensors(small)
     norms = [t for n, t in stored.items() if n.endswith("norm.weight")]
     assert norms and all(bool((t == 1).all()) for t in norms)
     routers = [t.float() for n, t in stored.items() if n.endswith("mlp.gate.weight")]
@@ -87,7 +80,7 @@ def test_transformers_loads_it_and_the_tokenizer_fits_the_embedding(small: Path)
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape[-1] == 50304 and bool(torch.isfinite(logits).all())
-    stored = _stored(small)
+    stored = stored_tensors(small)
     assert torch.equal(
         model.model.layers[1].mlp.gate.weight, stored["model.layers.1.mlp.gate.weight"]
     )
