@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(ALIAS_SRC)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(VLLM),embedder,dev,lm-eval]' '$(VLLM_DIST)==$(VLLM_VERSION)' \
+	$(PY) -m pip install -q -e '.[$(VLLM),embedder,dev,lm-eval,lora]' '$(VLLM_DIST)==$(VLLM_VERSION)' \
 		$(if $(filter cpu,$(VLLM)),./$(ALIAS))
 	# CPU only: PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
 	# `import transformers.models.*` beside the CPU torch; text-only serving needs none of them.
