@@ -15,6 +15,7 @@ in-memory application all produce the same weights.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -100,8 +101,35 @@ def make_deltas(
     )
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's contents, or a folder's entries, from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """``fsync_path`` for a folder, so that a rename into it survives a power loss.
+
+    File systems that cannot sync a folder say so with EINVAL (or ENOTSUP); only those
+    errors are ignored, any other is raised.
+    """
+    try:
+        fsync_path(path)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    The temp file is fsynced before the rename and the folder after it, so that after a
+    power loss ``path`` holds either the old file or the whole new one (a killed process
+    alone cannot leave a partial file even without them).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -112,10 +140,13 @@ def atomic_write(path: str | os.PathLike, write: Any) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        # without this the rename can reach the disk before the data: an empty file after a crash
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fsync_dir(path.parent)  # makes the rename itself durable
     return path
 
 
