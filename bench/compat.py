@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from bench.common import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".compat"
@@ -163,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.tests_s:.0f}",
         )
     console.print(table)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "results.json").write_text(
-        json.dumps(
-            {"date": str(datetime.date.today()), "results": [asdict(r) for r in results]}, indent=2
-        )
+    write_json(
+        OUT / "results.json",
+        {"date": str(datetime.date.today()), "results": [asdict(r) for r in results]},
     )
     return 0 if all(r.ok for r in results) else 1
 

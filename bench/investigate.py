@@ -39,6 +39,7 @@ from bench.common import (
     write_text,
 )
 from bench.table1 import tune
+from roma_vllm.deltas import atomic_write
 
 app = typer.Typer(add_completion=False)
 
@@ -247,7 +248,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("RoMA − router tuning, validation accuracy (points, 95% CI)")
     ax.set_title("RoMA variants vs plain router tuning")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.common import ROOT
 from bench.table1.summary import ROWS
+from roma_vllm.deltas import atomic_write
 
 DETERMINISTIC = ("base", "oracle", "C3PO, last token", "C3PO, all tokens")
 
@@ -136,5 +137,5 @@ def plot(record: dict[str, Any], path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=len(ROWS), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -8,8 +8,9 @@ are copied, shards without routers are copied byte for byte, shards with routers
 rewritten with the same tensor names, dtypes and safetensors metadata, so the index file
 stays valid. The deltas must have been made from this base (fingerprints checked).
 
-The folder is assembled under a temporary name beside ``out`` and renamed into place at the
-end: an interrupted merge never leaves a half-written checkpoint.
+The folder is assembled under a temporary name beside ``out``, every file in it synced to
+disk, and renamed into place at the end (the parent folder synced after): an interrupted
+merge, or a power loss, never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from roma_vllm.checkpoint import (
     resolve_checkpoint,
     safetensors_files,
 )
-from roma_vllm.deltas import DeltaError, RouterDeltas, add_delta, check_base_tensor, read_deltas
+from roma_vllm.deltas import (
+    DeltaError,
+    RouterDeltas,
+    add_delta,
+    check_base_tensor,
+    fsync_dir,
+    fsync_path,
+    read_deltas,
+)
 from roma_vllm.errors import RomaError
 
 MERGE_RECORD = "roma_merge.json"  # written beside the merged weights: what produced them
@@ -165,13 +174,21 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private (0700); a checkpoint is not
+    # the files' data must be on disk before the rename is: else a power loss can leave
+    # the folder under its final name with empty shards
+    for folder, _, files in os.walk(tmp):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_dir(folder)
     if not out_dir.exists():
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
     os.rmdir(old)
     os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
