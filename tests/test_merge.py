@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import stored_tensors
 from typer.testing import CliRunner
 
-from roma_vllm.deltas import RouterDeltas, add_delta, make_deltas, read_deltas, write_deltas
+from roma_vllm.deltas import RouterDeltas, make_deltas, read_deltas, write_deltas
 from tuner.cli.app import app
 from tuner.export.merge import MERGE_RECORD, merge
 
@@ -35,6 +36,21 @@ def _deltas(model_dir: Path, layers: set[int] | None = None) -> RouterDeltas:
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
+
+
+def _bf16_plus_scaled_delta(base: torch.Tensor, delta: torch.Tensor, scale: float) -> np.ndarray:
+    """The bf16 bit patterns of ``base + scale * delta``, written out without torch's casts.
+
+    bf16 is the upper half of a float32: widen by shifting the bits up, add in float32 (numpy),
+    then narrow by rounding to nearest, ties to even, on the dropped lower 16 bits.
+    """
+    assert base.dtype == torch.bfloat16
+    b16 = base.contiguous().view(torch.int16).numpy().astype(np.uint16)
+    wide = (b16.astype(np.uint32) << 16).view(np.float32)
+    total = wide + np.float32(scale) * delta.numpy().astype(np.float32)
+    assert np.isfinite(total).all()  # no NaN/Inf rounding rules needed
+    u = total.view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +85,9 @@ def test_merged_routers_and_other_tensors(sharded: tuple[Path, Path], tmp_path: 
     for name, t in base.items():
         assert merged[name].dtype == t.dtype and merged[name].shape == t.shape
         if name in deltas.tensors:
-            want = add_delta(t, deltas.tensors[name], 0.5)
-            assert torch.equal(_bits(merged[name]), _bits(want)), name
+            want = _bf16_plus_scaled_delta(t, deltas.tensors[name], 0.5)
+            got = merged[name].contiguous().view(torch.int16).numpy().astype(np.uint16)
+            assert np.array_equal(got, want), name
             assert not torch.equal(merged[name], t)
         else:
             assert torch.equal(_bits(merged[name]), _bits(t)), name
@@ -137,3 +154,36 @@ def test_merge_refusals(sharded: tuple[Path, Path], tmp_path: Path) -> None:
     assert code == 0 and (tmp_path / "taken" / MERGE_RECORD).is_file()
     code, out = run("--deltas", str(deltas_path), "--out", str(model), "--overwrite")
     assert code == 1 and "is the base checkpoint itself" in out
+
+
+def test_merged_folder_is_synced_before_its_rename(
+    sharded: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file's data reaches the disk before the folder takes its final name; the parent
+    folder (which holds the rename) after."""
+    import os
+
+    model, deltas_path = sharded
+    out = tmp_path / "merged"
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    merge(str(model), str(deltas_path), str(out))
+
+    moved = events.index(("replace", out.stat().st_ino))  # the folder's rename into place
+    synced_before = {ino for what, ino in events[:moved] if what == "fsync"}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    assert {p.stat().st_ino for p in files} <= synced_before
+    assert out.stat().st_ino in synced_before  # the folder's own entries
+    assert ("fsync", tmp_path.stat().st_ino) in events[moved + 1 :]
