@@ -6,18 +6,48 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
-from conftest import ALL_ARCHITECTURES
+from conftest import ALL_ARCHITECTURES, stored_tensors
 from safetensors.torch import save_file
 
+import tuner.model.load
 from roma_vllm.checkpoint import checkpoint_shapes, safetensors_files
 from tuner.model.load import load_model
 from tuner.model.weights import SEQUENTIAL, pread_state_dict
+
+
+class _CountedSlice:
+    """A pread slice that records the name of each tensor read through it."""
+
+    def __init__(self, inner: Any, name: str, reads: list[str]) -> None:
+        self._inner, self._name, self._reads = inner, name, reads
+
+    def __getitem__(self, index: Any) -> Any:
+        self._reads.append(self._name)
+        return self._inner[index]
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+
+def _spy_pread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the tensors that load_model reads through pread_state_dict, in order."""
+    reads: list[str] = []
+
+    @contextmanager
+    def counted(ckpt: Path) -> Iterator[dict[str, Any]]:
+        with pread_state_dict(ckpt) as state:
+            yield {n: _CountedSlice(s, n, reads) for n, s in state.items()}
+
+    monkeypatch.setattr(tuner.model.load, "pread_state_dict", counted)
+    return reads
 
 
 def _resharded(src: Path, dst: Path) -> Path:
@@ -33,11 +63,14 @@ def _resharded(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_pread_load_equals_transformers_own(
-    arch: str, tiny_model: Callable[..., Path], tmp_path: Path
+    arch: str, tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt = _resharded(tiny_model(arch), tmp_path / "sharded")
     assert len(safetensors_files(ckpt)) > 1
+    reads = _spy_pread(monkeypatch)
     ours = load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False).model
+    # the weights came through pread, each tensor read once (not transformers' own loading)
+    assert sorted(reads) == sorted(checkpoint_shapes(ckpt))
     theirs = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32)
     mine, ref = ours.state_dict(), theirs.state_dict()
     assert sorted(mine) == sorted(ref)
@@ -57,3 +90,39 @@ def test_shards_come_from_the_index(tiny_model: Callable[..., Path], tmp_path: P
         assert set(state) == indexed
         assert os.environ[SEQUENTIAL] == "1"
     assert SEQUENTIAL not in os.environ
+
+
+def test_only_the_missing_experts_switch_is_retried(
+    tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model class without ``experts_implementation`` loads again on the pread path without
+    it; any other TypeError (a bug) is raised, not hidden by transformers' own loading."""
+    ckpt = tiny_model("OlmoeForCausalLM")
+    cls = transformers.OlmoeForCausalLM
+    real = cls.from_pretrained.__func__
+    calls: list[bool] = []
+
+    def without_switch(klass: type, *args: Any, **kwargs: Any) -> Any:
+        calls.append("experts_implementation" in kwargs)
+        if "experts_implementation" in kwargs:
+            raise TypeError(
+                "__init__() got an unexpected keyword argument 'experts_implementation'"
+            )
+        return real(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(without_switch))
+    reads = _spy_pread(monkeypatch)
+    tm = load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False)
+    assert calls == [True, False]
+    assert sorted(set(reads)) == sorted(checkpoint_shapes(ckpt))
+    ref, mine = stored_tensors(ckpt), tm.model.state_dict()
+    assert set(ref) <= set(mine)
+    for name, value in ref.items():
+        assert torch.equal(mine[name], value), name
+
+    def broken(ckpt: Path) -> Any:
+        raise TypeError("pread bug: 'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(tuner.model.load, "pread_state_dict", broken)
+    with pytest.raises(TypeError, match="pread bug: 'NoneType' object is not subscriptable"):
+        load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False)

@@ -233,19 +233,26 @@ def load_model(
     if dev.type == "cpu":
         kwargs["experts_implementation"] = "eager"  # batched_mm is ~70x slower on CPU
     cls = getattr(transformers, arch, None) if not trust_remote_code else None
-    try:
+
+    def from_pretrained() -> Any:
         if cls is not None and "quantization_config" not in config:
             # tensor by tensor with pread: no mapped copy of the checkpoint in RSS
             with pread_state_dict(ckpt) as state:
                 hf_config = cls.config_class.from_pretrained(str(ckpt))
-                hf = cls.from_pretrained(None, config=hf_config, state_dict=state, **kwargs)
-        elif cls is not None:
-            hf = cls.from_pretrained(str(ckpt), **kwargs)
-        else:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
-    except TypeError:  # a model class without the experts_implementation switch
-        kwargs.pop("experts_implementation", None)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
+                return cls.from_pretrained(None, config=hf_config, state_dict=state, **kwargs)
+        if cls is not None:
+            return cls.from_pretrained(str(ckpt), **kwargs)
+        return transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
+
+    try:
+        hf = from_pretrained()
+    except TypeError as e:
+        # only a model class without the experts_implementation switch is retried (on the
+        # same path, without it); any other TypeError is a bug and keeps its traceback
+        if "experts_implementation" not in str(e) or "experts_implementation" not in kwargs:
+            raise
+        kwargs.pop("experts_implementation")
+        hf = from_pretrained()
     hf.eval()
     hf.requires_grad_(False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
