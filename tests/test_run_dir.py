@@ -22,6 +22,7 @@ import torch
 from tuner_fixtures import mc_rows, run_args, tiny_dir, write_jsonl  # noqa: F401
 from typer.testing import CliRunner
 
+import tuner.train.loop
 from roma_vllm.deltas import read_deltas
 from tuner.cli.app import app
 from tuner.config import TuneConfig
@@ -142,13 +143,22 @@ def test_overwrite_deletes_the_unfinished_training_and_says_so(cfg, uninterrupte
     assert final.epoch == 2 and len(final.history) == 3
 
 
-def test_finished_training_is_reused_without_flags(cfg, tmp_path):
+def test_finished_training_is_reused_without_flags(cfg, tmp_path, monkeypatch):
     c = dataclasses.replace(cfg, out=str(tmp_path), epochs=1)
+    steps: list[int] = []
+    real_step = tuner.train.loop.train_step
+    monkeypatch.setattr(
+        tuner.train.loop, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k)
+    )
     first = run(c)
+    trained = len(steps)
+    assert trained > 0  # the spy sees the training steps
+    first_deltas = read_deltas(first.deltas)  # before the second run rewrites the file
     assert not (tmp_path / LOCK_FILENAME).exists()  # released and removed after the run
     again = run(c)
     assert "training" in again.reused
-    _assert_same(read_deltas(first.deltas), read_deltas(again.deltas))
+    assert len(steps) == trained  # no training step on the second run
+    _assert_same(first_deltas, read_deltas(again.deltas))
 
 
 def _holder(out: Path, timeout: float = 120) -> dict:

@@ -10,6 +10,7 @@ import torch
 from recompute import letter_accuracy, read_rows
 from tuner_fixtures import mc_rows, tiny_dir, write_jsonl  # noqa: F401
 
+import tuner.train.loop
 from roma_vllm.deltas import read_deltas
 from roma_vllm.hf import apply_deltas
 from tuner.config import TuneConfig
@@ -112,11 +113,23 @@ def test_resume_after_a_killed_run_equals_uninterrupted(uninterrupted, base_cfg,
     assert resumed.accuracy_after == expected.accuracy_after
 
 
-def test_unchanged_stages_are_reused(uninterrupted):
+def test_unchanged_stages_are_reused(uninterrupted, monkeypatch):
     cfg, first = uninterrupted
+    a = read_deltas(first.deltas)  # read before the second run rewrites the file
+    ckpts = sorted((first.run_dir / "checkpoints").rglob("*.safetensors"))
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts]
+    steps = []
+    real_step = tuner.train.loop.train_step
+    monkeypatch.setattr(
+        tuner.train.loop, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k)
+    )
     again = run(cfg)
     assert set(again.reused) >= {"embeddings", "prefix", "snapshot", "neighbours", "training"}
-    a, b = read_deltas(first.deltas), read_deltas(again.deltas)
+    # training was skipped: no training step ran and no checkpoint was written again
+    assert steps == []
+    assert ckpts and [(p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts] == stamps
+    b = read_deltas(again.deltas)
+    assert sorted(a.tensors) == sorted(b.tensors)
     for name in a.tensors:
         torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
 
