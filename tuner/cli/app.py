@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from roma_vllm import __version__
-from tuner.cli import diagnose
+from tuner.cli import diagnose, export
 from tuner.cli.data import data_command
 from tuner.cli.eval import eval_command
 from tuner.cli.merge import merge_command
@@ -38,6 +38,7 @@ def main(
 app.command("run")(run_command)
 app.command("eval")(eval_command)
 app.command("merge")(merge_command)
+app.command("export")(export.export_command)
 app.command("data")(data_command)
 app.add_typer(diagnose.app, name="diagnose")
 # `roma-tune report` predates `roma-tune diagnose report` and keeps working
