@@ -81,6 +81,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction sets that change which kernels torch (oneDNN) and vLLM's CPU backend run
+CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx2")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of ``CPU_FLAGS`` the CPU has, from the first ``flags`` line of ``/proc/cpuinfo``
+    (or of ``cpuinfo``); all False where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    have: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            have = set(value.split())
+            break
+    return {flag: flag in have for flag in CPU_FLAGS}
+
+
+def cpu_class(flags: dict[str, bool]) -> str:
+    """The class of x86 CPU that decides the bf16 kernels: ``AMX`` (bf16 tile matmuls),
+    ``AVX-512 BF16``, ``AVX-512``, ``AVX2``, else ``other``."""
+    if flags.get("amx_tile") and flags.get("amx_bf16"):
+        return "AMX"
+    if flags.get("avx512_bf16"):
+        return "AVX-512 BF16"
+    if flags.get("avx512f"):
+        return "AVX-512"
+    return "AVX2" if flags.get("avx2") else "other"
+
+
 def memory_gib() -> float | None:
     """Total memory in GiB from ``/proc/meminfo`` (None where it cannot be read)."""
     try:
@@ -100,13 +133,18 @@ def _version(package: str) -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """What the results were measured on: CPU, cores, memory, GPU, library versions and the
-    load average at the time of the call. Reads versions without importing vLLM."""
+    """What the results were measured on: CPU (model, instruction-set flags and class, the
+    kernel level torch picked), cores, memory, GPU, library versions and the load average at
+    the time of the call. Reads versions without importing vLLM."""
     import torch
 
     cuda = torch.cuda.is_available()
+    flags = cpu_flags()
     return {
         "cpu": cpu_name(),
+        "cpu_flags": flags,
+        "cpu_class": cpu_class(flags),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "memory_gib": memory_gib(),
         "platform": platform.platform(),

@@ -10,6 +10,10 @@ import pytest
 from scipy import stats
 
 from bench.common import (
+    CPU_FLAGS,
+    cpu_class,
+    cpu_flags,
+    machine,
     machine_summary,
     mean_std,
     paired_interval,
@@ -100,6 +104,48 @@ def test_machine_summary_names_the_device_cores_memory_and_libraries():
     assert machine_summary({"cpus": 2, "torch": "2.1", "cuda": None}) == "CPU, 2 cores, torch 2.1"
     gpu = {"cpu": "x", "cpus": 16, "cuda": "NVIDIA H200", "torch": "2.1"}
     assert machine_summary(gpu) == "NVIDIA H200, 16 cores, torch 2.1"
+
+
+# /proc/cpuinfo excerpts: a Sapphire Rapids (AMX) core, and an EPYC Zen 4 (AVX-512 BF16)
+SAPPHIRE = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8
+processor\t: 1
+flags\t\t: fpu sse2
+"""
+ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512vl\n"
+
+
+def test_cpu_flags_read_the_first_flags_line_word_by_word():
+    assert cpu_flags(SAPPHIRE) == dict.fromkeys(CPU_FLAGS, True)
+    # avx512bw / avx512vl must not count as avx512f, nor amx_int8 as amx_bf16
+    assert cpu_flags(ZEN4) == {
+        "amx_tile": False, "amx_bf16": False, "avx512f": True, "avx512_bf16": True, "avx2": True
+    }  # fmt: skip
+    assert cpu_flags("flags : avx512bw amx_int8 avx2\n") == {f: f == "avx2" for f in CPU_FLAGS}
+    assert cpu_flags("") == dict.fromkeys(CPU_FLAGS, False)
+
+
+def test_cpu_class_orders_amx_over_avx512_over_avx2():
+    assert cpu_class(cpu_flags(SAPPHIRE)) == "AMX"
+    assert cpu_class(cpu_flags(ZEN4)) == "AVX-512 BF16"
+    assert cpu_class(cpu_flags("flags : avx2 avx512f amx_tile\n")) == "AVX-512"  # no amx_bf16
+    assert cpu_class(cpu_flags("flags : avx2\n")) == "AVX2"
+    assert cpu_class(cpu_flags("flags : sse2\n")) == "other"
+
+
+def test_machine_records_this_cpus_flags_and_torchs_kernel_level():
+    import torch
+
+    m = machine()
+    words = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            words = set(line.split(":", 1)[1].split())
+            break
+    assert m["cpu_flags"] == {f: f in words for f in CPU_FLAGS}
+    assert m["cpu_class"] == cpu_class(m["cpu_flags"])
+    assert m["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_paired_interval_is_the_student_t_interval():
