@@ -25,8 +25,9 @@ from bench.realsize.build import (
     write_deltas,
     write_prompts,
 )
+from bench.realsize.history import headline, previous_runs
 from bench.realsize.measure import engine_rounds, refused_float32, tune
-from bench.realsize.report import GOALS, headline, readme_section, summarise
+from bench.realsize.report import GOALS, readme_section, summarise
 
 OUT = RESULTS / "realsize.json"
 
@@ -42,15 +43,6 @@ def prompt_tokens(model: Path, data: Path) -> dict[str, Any]:
     enc = encode(examples, AutoTokenizer.from_pretrained(model), "letter")
     lengths = [len(e.prompt_ids) for e in enc]
     return {"rows": len(enc), "prompt_tokens": f"{min(lengths)}-{max(lengths)}"}
-
-
-def previous_runs(out: Path, keep: int = 5) -> list[dict[str, Any]]:
-    """The last ``keep`` runs' key figures: those the results file already lists, and its own."""
-    try:
-        prev = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return []
-    return [*prev.get("history", []), *([prev["headline"]] if "headline" in prev else [])][-keep:]
 
 
 def main(argv: list[str] | None = None) -> int:

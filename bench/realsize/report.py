@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine_summary
+from bench.realsize.cpu_classes import class_rows
+from bench.realsize.history import history_lines
 
 SECTION = "## Real size: a 7B-shaped MoE in bf16"
 GOALS = {
@@ -42,6 +44,12 @@ def _paired(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, quartiles and extremes of ``xs`` (the quartiles of one value are itself)."""
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {"min": min(xs), "q1": q1, "median": statistics.median(xs), "q3": q3, "max": max(xs)}
+
+
 def summarise_vllm(
     rounds: list[dict[str, Any]], checkpoint_bytes: int, deltas_bytes: int
 ) -> dict[str, Any]:
@@ -61,8 +69,17 @@ def summarise_vllm(
             "maxrss_bytes",
         )
     }
-    own = [r["loader_own_s"] for r in rounds if r["variant"] == "roma"]
-    out["loader_own_s"] = {"seconds": own, "median": statistics.median(own)}
+    ml = out["model_load_s"]
+    ml["ratio_spread"] = spread(ml["ratios"])
+    roma = [r for r in rounds if r["variant"] == "roma"]
+    own = [r["loader_own_s"] for r in roma]
+    out["loader_own_s"] = {
+        "seconds": own,
+        "median": statistics.median(own),
+        # the loader's own work as a share of the load it is part of, per roma round
+        "share_of_load": [r["loader_own_s"] / r["model_load_s"] for r in roma],
+    }
+    out["read_through_s"] = [r["read_through"]["seconds"] for r in rounds if "read_through" in r]
     out["own_fraction_of_base_load"] = (
         out["loader_own_s"]["median"] / out["model_load_s"]["median"]["base"]
     )
@@ -161,23 +178,6 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def headline(res: dict[str, Any]) -> dict[str, Any]:
-    """A summarised run's key figures, kept in the next run's ``history``."""
-    v, t = res["vllm"], res["tune"]
-    return {
-        "date": res["date"],
-        "minutes": round(res["seconds"] / 60),
-        "load_average": [res["machine"]["load_average"][0], res["machine"]["load_average_end"][0]],
-        "pairs": len(v["model_load_s"]["ratios"]),
-        "model_load_ratio": v["model_load_s"]["ratio_median"],
-        "extra_anon_mb": round(v["extra_anon_bytes"] / 1e6, 2),
-        "tune_peak_rss_over_checkpoint": round(t["peak_rss_over_checkpoint"]["plain"], 2),
-        "epoch_over_forward": round(t["wall"]["epoch_over_forward_best"], 2),
-        "cached_epoch_over_forward": round(t["wall"]["cached_epoch_over_forward_best"], 2),
-        "tuner_timing": f"{len(t['wall']['epochs'])} epochs, fastest epoch / fastest pass",
-    }
-
-
 def notes(res: dict[str, Any]) -> list[str]:
     """What the figures say beyond the table: the noise, and why a goal is missed."""
     v, t, m = res["vllm"], res["tune"], res["machine"]
@@ -201,18 +201,33 @@ def notes(res: dict[str, Any]) -> list[str]:
             f"{min(w['epochs']):.0f}-{max(w['epochs']):.0f} s."
         )
     ml, mlc = v["model_load_s"], v["model_load_cpu_s"]
-    spread = max(ml["ratios"]) - min(ml["ratios"])
+    sp = ml.get("ratio_spread") or spread(ml["ratios"])
+    read = v.get("read_through_s")
+    cache = (
+        f"Before every round the checkpoint was read through once ({min(read):.0f}-"
+        f"{max(read):.0f} s), so both sides of each pair start from the same page-cache "
+        "state: as much of it cached as the free memory holds (the engine's own 15 GiB "
+        "push the rest out while it loads)"
+        if read
+        else "The page cache was not controlled: each load read the checkpoint from the disk "
+        "or from the page cache, whichever the kernel kept between rounds"
+    )
+    own = v["loader_own_s"]
+    shares = own.get("share_of_load")
     out.append(
         f"* vLLM model load: {ml['median']['base']:.0f} s wall and "
-        f"{mlc['median']['base']:.0f} CPU-s (base, medians), reading "
-        f"{res['checkpoint']['bytes'] / 1e9:.1f} GB from the disk or from the page cache, "
-        "whichever the kernel kept between rounds (the engine's own 15 GiB leave little room "
-        f"for it). The paired ratios spread by {spread:.2f}, so the load-time ratio says "
-        "little beyond that noise; the plugin's whole extra work is what the loader times "
-        f"itself (reading and checking the deltas, merging them): "
-        + ", ".join(f"{1000 * x:.0f}" for x in v["loader_own_s"]["seconds"])
-        + f" ms per load, {100 * v['own_fraction_of_base_load']:.2f} % of the base model's "
-        "load (median)."
+        f"{mlc['median']['base']:.0f} CPU-s (base, medians) for "
+        f"{res['checkpoint']['bytes'] / 1e9:.1f} GB. {cache}. Paired roma / base ratios: "
+        f"median {sp['median']:.3f}, quartiles {sp['q1']:.3f}-{sp['q3']:.3f}, range "
+        f"{sp['min']:.3f}-{sp['max']:.3f} over {len(ml['ratios'])} pairs; the quartiles are "
+        "the ratio's uncertainty, other work on the machine moves single loads by more "
+        "than the 2 % goal. The plugin's whole extra work is what the loader times itself "
+        "(reading and checking the deltas, merging them; the plugin's INFO line "
+        "`roma-vllm: merged router deltas ... (N ms)`): "
+        + ", ".join(f"{1000 * x:.0f}" for x in own["seconds"])
+        + " ms per load"
+        + (f", {min(shares):.2%}-{max(shares):.2%} of each roma load" if shares else "")
+        + f", {v['own_fraction_of_base_load']:.2%} of the base model's load (medians)."
     )
     rss, anon, trim = v["maxrss_bytes"], v["anon_after_load_bytes"], v["anon_after_trim_bytes"]
 
@@ -273,6 +288,7 @@ def readme_section(res: dict[str, Any]) -> str:
     v, t, f32, ck = res["vllm"], res["tune"], res["float32"], res["checkpoint"]
     pairs = len(v["model_load_s"]["ratios"])
     ml, mlc, rss = v["model_load_s"], v["model_load_cpu_s"], v["maxrss_bytes"]
+    sp = ml.get("ratio_spread") or spread(ml["ratios"])
     tr = v["anon_after_trim_bytes"]
     plain = res["runs"]["plain"]
     w, c, sps = t["wall"], t["cpu"], t["samples_per_second"]
@@ -280,14 +296,18 @@ def readme_section(res: dict[str, Any]) -> str:
         "| measure | figure | goal | met |",
         "|---|---|---|---|",
         f"| vLLM model load (`get_model`: build, read + merge, post-process), roma / base: "
-        f"median of {pairs} paired ratios ({', '.join(f'{x:.3f}' for x in ml['ratios'])}) "
-        f"| **{ml['ratio_median']:.3f}** ({ml['median']['base']:.0f} s / "
+        f"median of {pairs} paired ratios"
+        + (", each load after a read-through of the checkpoint" if v.get("read_through_s") else "")
+        + f" ({', '.join(f'{x:.3f}' for x in ml['ratios'])}) "
+        f"| **{ml['ratio_median']:.3f}** (quartiles {sp['q1']:.3f}-{sp['q3']:.3f}; "
+        f"{ml['median']['base']:.0f} s / "
         f"{ml['median']['roma']:.0f} s; best of {pairs} each: {ml['ratio_best']:.3f}) "
         f"| <= 1.02 | {_yes(v['met']['model_load'])} |",
         f"| the same in CPU seconds | {mlc['ratio_median']:.3f} ({mlc['median']['base']:.0f} / "
         f"{mlc['median']['roma']:.0f} CPU-s) | | |",
-        f"| the loader's own work (read + check the deltas, merge them), median | "
-        f"{1000 * v['loader_own_s']['median']:.0f} ms | | |",
+        f"| the loader's own work (read + check the deltas, merge them), median; its share "
+        f"of the base load | {1000 * v['loader_own_s']['median']:.0f} ms; "
+        f"{v['own_fraction_of_base_load']:.2%} | | |",
         f"| vLLM engine process anonymous memory in use after loading, base / roma, "
         f"medians | {_gib(tr['median']['base'])} / {_gib(tr['median']['roma'])} | | |",
         f"| the same, roma - base, median of pairs | "
@@ -333,6 +353,13 @@ def readme_section(res: dict[str, Any]) -> str:
         f"{m['load_average'][0]:.1f} at the start and {m['load_average_end'][0]:.1f} at the end "
         "(other work shares the machine).",
         "",
+        "The ratios depend on the CPU class: on an AMX CPU oneDNN runs the bf16 matmuls on AMX "
+        "tiles, so the no-grad forward (nearly all matmul) is much faster, while the rest of a "
+        "training step is not (see the profile below). One row per CPU class measured; the "
+        "figures of this run follow in detail.",
+        "",
+        *class_rows(res, GOALS),
+        "",
         f"Model: an OLMoE-1B-7B-shaped checkpoint with random weights (16 layers, hidden 2048, "
         f"64 experts top-8, vocabulary 50304, {ck['parameters'] / 1e9:.2f}B parameters), bf16, "
         f"{ck['shards']} safetensors shards, {ck['bytes'] / 1e9:.2f} GB, written tensor by "
@@ -368,26 +395,3 @@ def readme_section(res: dict[str, Any]) -> str:
         "Raw numbers, per round and per stage: `bench/results/realsize.json`.",
     ]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def history_lines(history: list[dict[str, Any]]) -> list[str]:
-    """Earlier runs' key figures: how much they move from run to run on this machine."""
-    if not history:
-        return []
-    lines = [
-        "Earlier runs of the same benchmark on this machine (newest last):",
-        "",
-        "| date | min | load avg start / end | vLLM load ratio | anon roma - base | tuner "
-        "peak RSS | epoch / forward | cached epoch / forward | tuner timing |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for h in history:
-        anon = "not measured" if h.get("extra_anon_mb") is None else f"{h['extra_anon_mb']:+.2f} MB"
-        lines.append(
-            f"| {h['date']} | {h['minutes']} | {h['load_average'][0]:.1f} / "
-            f"{h['load_average'][1]:.1f} | {h['model_load_ratio']:.3f} ({h['pairs']} pairs) | "
-            f"{anon} | {h['tune_peak_rss_over_checkpoint']:.2f}x | "
-            f"{h['epoch_over_forward']:.2f}x | {h['cached_epoch_over_forward']:.2f}x | "
-            f"{h.get('tuner_timing', '')} |"
-        )
-    return [*lines, ""]
