@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize bench-soak table1 investigate compat clean
+.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize bench-soak table1 investigate compat bench-lora clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ bench-serve: setup
 
 bench-tuner: setup
 	$(PY) -m bench.tuner_speed
+
+# Several tuned routers as LoRA adapters vs the plugin's merge vs plain serving (CUDA only:
+# refuses in one line without it)
+bench-lora: setup
+	$(PY) -m bench.lora_serving
 
 # A 7B-shaped MoE in bf16: a ~14 GB random checkpoint built once in bench/.cache/ (~10 min),
 # ~18 GiB of free memory, 10-25 min on 2 cores, longer when other work shares them
