@@ -8,9 +8,10 @@ while loading come back as text. The multi-process path (plugin in every process
 from the engine-core subprocess) is covered separately by the ``vllm serve`` tests.
 
 A job: ``{"model", "load_format", "extra", "prompts": [[ids]], "max_tokens", "env",
-"probe_routers", "compilation_config"}``; a result: ``{"ok": true, "tokens": [[ids]],
-"logprobs": [[float]], "routers": {module: [[float]]}}`` or ``{"ok": false, "error":
-"Type: message"}``.
+"probe_routers", "compilation_config", "dtype"}``; a result: ``{"ok": true, "tokens": [[ids]],
+"logprobs": [[float]], "routers": {module: [[float]]}, "attention_backend": asked or None}``
+or ``{"ok": false, "error": "Type: message"}``. Engines get the attention backend
+``roma-tune eval`` asks for (:mod:`roma_vllm.attention_backend`).
 """
 
 from __future__ import annotations
@@ -53,16 +54,21 @@ def probe_routers(model) -> dict[str, list]:
 def run_job(job: dict) -> dict:
     from vllm import LLM, SamplingParams
 
+    from roma_vllm.attention_backend import attention_backend
+
     saved = {k: os.environ.get(k) for k in job.get("env", {})}
     os.environ.update(job.get("env", {}))
     t0 = time.perf_counter()
     llm = None
     try:
+        dtype = job.get("dtype", "float32")
+        backend = attention_backend(job["model"], dtype)  # as `roma-tune eval` asks
         llm = LLM(
             job["model"],
             load_format=job.get("load_format", "auto"),
             model_loader_extra_config=job.get("extra") or {},
-            dtype=job.get("dtype", "float32"),
+            dtype=dtype,
+            attention_backend=backend,
             enforce_eager=True,
             max_model_len=256,
             seed=0,
@@ -83,7 +89,7 @@ def run_job(job: dict) -> dict:
             ]
             for o in outs
         ]
-        result = {"ok": True, "tokens": tokens, "logprobs": logprobs}
+        result = {"ok": True, "tokens": tokens, "logprobs": logprobs, "attention_backend": backend}
         if job.get("probe_routers"):
             result["routers"] = llm.apply_model(probe_routers)[0]
         return {**result, "seconds": time.perf_counter() - t0}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from roma_vllm.attention_backend import attention_backend
 from roma_vllm.errors import RomaError
 from tuner.config import ConfigError
 from tuner.data.prompts import Encoded
@@ -44,6 +45,19 @@ class EngineStartError(RomaError, RuntimeError):
     """vLLM did not start; the message names the cause (and where vLLM's log is)."""
 
 
+class EngineDiedError(RomaError, RuntimeError):
+    """vLLM's engine died after it started (its own kernels' limits, a killed process): vLLM
+    failed, not roma-vllm; the message names the cause read from vLLM's log."""
+
+
+def _engine_died(error: BaseException) -> bool:
+    """vLLM's own "the engine core is dead" error (raised in this process, the cause is in
+    the engine processes' log)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(error, EngineDeadError)
+
+
 def engine_kwargs(
     checkpoint: Path,
     *,
@@ -57,7 +71,10 @@ def engine_kwargs(
 ) -> dict[str, Any]:
     """Arguments of ``vllm.LLM`` for the base model, or the tuned one when ``deltas_path``.
 
-    Options left at ``None`` in ``options`` are not passed: vLLM's default applies.
+    Options left at ``None`` in ``options`` are not passed: vLLM's default applies. MLA models
+    in float32 on CPU get the ``CPU_MLA`` attention backend
+    (:func:`roma_vllm.attention_backend.attention_backend`): vLLM's default there depends on
+    the CPU, and on AMX machines cannot run float32.
     """
     opts = options or EngineOptions()
     kwargs: dict[str, Any] = dict(
@@ -73,6 +90,9 @@ def engine_kwargs(
         kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
     if opts.enforce_eager is not None:
         kwargs["enforce_eager"] = opts.enforce_eager
+    backend = attention_backend(checkpoint, dtype, opts.trust_remote_code)
+    if backend is not None:
+        kwargs["attention_backend"] = backend
     if deltas_path is not None:
         kwargs["load_format"] = "roma"
         kwargs["model_loader_extra_config"] = {
@@ -84,16 +104,18 @@ def engine_kwargs(
 
 
 @contextlib.contextmanager
-def engine(verbose: bool = True, **kwargs: Any) -> Iterator[Any]:
+def engine(verbose: bool = True, log: EngineLog | None = None, **kwargs: Any) -> Iterator[Any]:
     """A ``vllm.LLM`` that is shut down, its engine processes ended, when the block ends.
 
     Unless ``verbose``, vLLM's output goes to a log file; a failed start raises
-    :class:`EngineStartError` naming the cause read from that log.
+    :class:`EngineStartError`, an engine that dies later :class:`EngineDiedError`, each naming
+    the cause read from that log (which is kept). ``log``: one already in use (see
+    :func:`score_vllm`) instead of a new one.
     """
     # On CPU vLLM otherwise reserves most of the machine's memory for its KV cache.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     what = "the tuned model" if kwargs.get("load_format") == "roma" else "the base model"
-    log = EngineLog(verbose)
+    log = log or EngineLog(verbose)
     try:
         with log.start_up():  # vLLM's import-time messages too
             from vllm import LLM
@@ -107,6 +129,10 @@ def engine(verbose: bool = True, **kwargs: Any) -> Iterator[Any]:
         try:
             yield llm
         except Exception as e:  # a failure while generating: say where vLLM's log is
+            if _engine_died(e):
+                raise EngineDiedError(
+                    f"vLLM failed while running {what} ({kwargs['model']}): {log.failure(e)}"
+                ) from None
             if log.path is not None and hasattr(e, "add_note"):
                 e.add_note(f"vLLM's log: {log.path}")
             raise
@@ -251,18 +277,20 @@ def score_vllm(
             f"--max-model-len: {opts.max_model_len} tokens is too short for this data: its "
             f"longest request needs {needed} (prompt and continuation, plus one generated)"
         )
-    kwargs = engine_kwargs(
-        checkpoint,
-        dtype=dtype,
-        max_model_len=opts.max_model_len or needed,
-        deltas_path=deltas_path,
-        scale=scale,
-        allow_mismatch=allow_mismatch,
-        seed=seed,
-        options=opts,
-    )
+    log = EngineLog(opts.verbose)
+    with log.start_up():  # engine_kwargs reads the model's config with vLLM: its messages too
+        kwargs = engine_kwargs(
+            checkpoint,
+            dtype=dtype,
+            max_model_len=opts.max_model_len or needed,
+            deltas_path=deltas_path,
+            scale=scale,
+            allow_mismatch=allow_mismatch,
+            seed=seed,
+            options=opts,
+        )
     outputs: list[Any] = []
-    with engine(verbose=opts.verbose, **kwargs) as llm:
+    with engine(log=log, **kwargs) as llm:
         prompts, params = _requests(encoded, gens)
         for start in range(0, len(prompts), CHUNK):
             stop = start + CHUNK

@@ -9,8 +9,8 @@ sends all of it to a temporary log file:
 * afterwards (generation, shutdown) this process's ``vllm`` logger writes to the log through
   a file handler; Python warnings go there throughout.
 
-When start-up fails, :func:`root_cause` reads the exception the engine processes logged, so
-the one-line error names the cause; the log file is kept and named. After a clean run the
+When start-up fails, or the engine dies later, :func:`root_cause` reads the exception the
+engine processes logged, so the one-line error names the cause; the log file is kept and named. After a clean run the
 log is deleted.
 """
 
@@ -174,7 +174,7 @@ class EngineLog:
             handler.close()
 
     def failure(self, error: BaseException) -> str:
-        """Why start-up failed, one line, and where the full log is."""
+        """Why the engine failed (at start-up or later), one line, and where the full log is."""
         here = one_line(error)
         if self.path is None:
             return f"{here}; see vLLM's log above"
