@@ -111,3 +111,10 @@ def run_vllm_jobs(
         return run_vllm_jobs_in_subprocess(jobs, tmp_path_factory.mktemp("vllm_jobs"), env)
 
     return run
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The machine's CPU flags and the kernels vLLM picks on it: failures depend on them."""
+    from roma_vllm.testing.machine import report_lines
+
+    return report_lines()
