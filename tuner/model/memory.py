@@ -4,7 +4,10 @@ Loading a model that does not fit gets the process killed by the kernel (CPU) or
 out-of-memory error deep inside transformers (GPU), after minutes of reading. The weights'
 size is known from the safetensors headers without reading a tensor, so the run is checked
 first: the weights in the run's dtype plus a margin for activations, the float32 router
-masters and the optimiser must fit in the memory the device has free.
+masters and the optimiser must fit in the memory the device has free. Quantized checkpoints
+count their weights as they will sit in memory (:func:`tuner.model.quantized.
+frozen_weight_sizes`): at their dequantized size in the run's dtype where they are
+dequantized, at their stored size where transformers keeps them quantized.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ def checkpoint_numel(checkpoint: Path) -> int:
     from roma_vllm.checkpoint import checkpoint_shapes
 
     return sum(math.prod(shape) for shape in checkpoint_shapes(checkpoint).values())
+
+
+def checkpoint_sizes(checkpoint: Path, device: torch.device) -> tuple[int, int]:
+    """(weights loaded in the run's dtype, bytes kept as stored) from the headers."""
+    from safetensors import safe_open
+
+    from roma_vllm.checkpoint import load_config, safetensors_files
+    from tuner.model.quantized import frozen_weight_sizes
+
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}
+    for f in safetensors_files(checkpoint):
+        with safe_open(str(f), framework="pt") as h:
+            for n in h.keys():  # noqa: SIM118
+                s = h.get_slice(n)
+                headers[n] = (tuple(s.get_shape()), s.get_dtype())
+    return frozen_weight_sizes(headers, load_config(checkpoint), device, str(checkpoint))
 
 
 def available_bytes(device: torch.device) -> int:
@@ -67,9 +86,10 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def needed_bytes(numel: int, dtype: str) -> int:
-    """Estimated peak memory of a run whose frozen weights are ``numel`` values of ``dtype``."""
-    return int(numel * DTYPES[dtype].itemsize * MARGIN) + RESERVE
+def needed_bytes(numel: int, dtype: str, stored: int = 0) -> int:
+    """Estimated peak memory of a run whose frozen weights are ``numel`` values of ``dtype``
+    plus ``stored`` bytes of weights kept quantized."""
+    return int((numel * DTYPES[dtype].itemsize + stored) * MARGIN) + RESERVE
 
 
 def plan_dtype(
@@ -88,16 +108,16 @@ def plan_dtype(
     does not fit. ``available`` overrides the measured free memory (tests).
     """
     chosen = resolve_dtype(dtype, device) if dtype == "auto" else dtype
-    numel = checkpoint_numel(checkpoint)
+    numel, stored = checkpoint_sizes(checkpoint, device)
     free = available_bytes(device) if available is None else available
-    if dtype == "auto" and device.type == "cpu" and needed_bytes(numel, chosen) > free:
+    if dtype == "auto" and device.type == "cpu" and needed_bytes(numel, chosen, stored) > free:
         chosen = "bfloat16"  # half the size; too slow on CPU to be the default
-        if needed_bytes(numel, chosen) <= free and echo is not None:
+        if needed_bytes(numel, chosen, stored) <= free and echo is not None:
             echo(
-                f"--dtype auto: float32 needs ~{needed_bytes(numel, 'float32') / GIB:.1f} GiB "
+                f"--dtype auto: float32 needs ~{needed_bytes(numel, 'float32', stored) / GIB:.1f} GiB "
                 f"but {free / GIB:.1f} GiB is available; loading in bfloat16 instead"
             )
-    need = needed_bytes(numel, chosen)
+    need = needed_bytes(numel, chosen, stored)
     if need > free:
         where = "this machine" if device.type == "cpu" else str(device)
         hint = "--dtype bfloat16, " if chosen == "float32" else ""
