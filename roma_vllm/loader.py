@@ -59,6 +59,10 @@ from roma_vllm.deltas import (  # noqa: E402
     fingerprint,
     read_deltas,
 )
+from roma_vllm.quantization import (  # noqa: E402
+    QuantizedRouterError,
+    check_routers_unquantized,
+)
 from roma_vllm.settings import (  # noqa: E402
     LOAD_FORMAT,
     RomaSettings,
@@ -140,8 +144,10 @@ class RomaModelLoader(DefaultModelLoader):
                     shapes[name] = tuple(h.get_slice(name).get_shape())
                     where[name] = f
         try:
+            # a quantized checkpoint's routers must be plain float tensors (roma_vllm.quantization)
+            check_routers_unquantized(hf_config, shapes, self.deltas.tensors, model_config.model)
             routers = find_routers(self.deltas.architecture, shapes, num_experts(hf_config))
-        except UnsupportedModelError as e:
+        except (UnsupportedModelError, QuantizedRouterError) as e:
             raise RomaLoadError(f"{self.where}: {_one_line(str(e))}") from None
         for name in self.deltas.tensors:
             if name not in shapes:

@@ -44,10 +44,11 @@ from roma_vllm.checkpoint import (
 from roma_vllm.deltas import fingerprint
 from roma_vllm.errors import RomaError
 from roma_vllm.hf import hf_parameter
+from roma_vllm.quantization import check_routers_unquantized
 from tuner.config import ConfigError
 from tuner.model.dtypes import DTYPES, resolve_dtype
 from tuner.model.memory import plan_dtype
-from tuner.model.weights import pread_state_dict
+from tuner.model.quantized import frozen_state_dict, loads_quantized, plain_config
 
 DEFAULT_LAST_LAYERS = 5
 
@@ -211,6 +212,7 @@ def load_model(
     ckpt = resolve_checkpoint(model, trust_remote_code)
     config = load_config(ckpt)
     arch = architecture_of(config)
+    check_routers_unquantized(config, checkpoint_shapes(ckpt), where=str(ckpt))
     routers = find_routers(arch, checkpoint_shapes(ckpt), num_experts(config))
     moe_layers = router_layers(routers)
     tuned_layers = parse_layers(layers, moe_layers)
@@ -235,10 +237,10 @@ def load_model(
     cls = getattr(transformers, arch, None) if not trust_remote_code else None
 
     def from_pretrained() -> Any:
-        if cls is not None and "quantization_config" not in config:
+        if cls is not None and loads_quantized(config, str(ckpt), dev) != "transformers":
             # tensor by tensor with pread: no mapped copy of the checkpoint in RSS
-            with pread_state_dict(ckpt) as state:
-                hf_config = cls.config_class.from_pretrained(str(ckpt))
+            with frozen_state_dict(ckpt, config, DTYPES[dtype]) as state:
+                hf_config = plain_config(cls.config_class.from_pretrained(str(ckpt)))
                 return cls.from_pretrained(None, config=hf_config, state_dict=state, **kwargs)
         if cls is not None:
             return cls.from_pretrained(str(ckpt), **kwargs)
