@@ -100,7 +100,8 @@ def c3po_correct(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Per test sample: correct with the kernel mix alone (``mix``) and after ``steps``
-    neighbourhood-gradient steps (``c3po``); a sample without neighbours keeps its own
+    neighbourhood-gradient steps (``c3po``), and the routing applied for ``c3po``
+    (``routing``, ``[n, layers * experts]``); a sample without neighbours keeps its own
     routing (scored by the plain model)."""
     from tuner.diagnose.transplant import RoutingOverride
     from tuner.model.routing import RoutingCapture
@@ -109,6 +110,7 @@ def c3po_correct(
     mix_ok = torch.zeros(n, dtype=torch.bool)
     c3po_ok = torch.zeros(n, dtype=torch.bool)
     e = tm.num_experts
+    final = torch.zeros(n, len(tm.layers) * e)
     order = list(range(n))
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     with RoutingCapture(tm) as cap, RoutingOverride(tm) as over:
@@ -144,10 +146,11 @@ def c3po_correct(
                         theta.grad[plain] = 0.0
                     opt.step()
             with torch.no_grad():
-                s = _scored(tm, test_encoded, tb, over, cap, _layer_softmax(theta, e),
+                final[idx] = _layer_softmax(theta, e).cpu()
+                s = _scored(tm, test_encoded, tb, over, cap, final[idx],
                             list(range(len(tb))), scope)  # fmt: skip
             c3po_ok[idx] = s.correct.cpu()
-    return {"mix": mix_ok, "c3po": c3po_ok}
+    return {"mix": mix_ok, "c3po": c3po_ok, "routing": final}
 
 
 def _tokens(encoded: Sequence[Any]) -> int:
