@@ -21,6 +21,16 @@ ROW = Example(
     task="fruit",
     source="rows.jsonl:1",
 )
+# every choice more than one token: loglik scores them as continuations, one row each
+MULTI = Example(
+    prompt="which words name a fruit like pear",
+    choices=("green apple", "red brick", "the black cat"),
+    answer=0,
+    completion=None,
+    task="fruit",
+    source="rows.jsonl:3",
+)
+ROWS = {"single-token choices": ROW, "multi-token choices": MULTI}
 FREE = Example("the cat is on the", None, None, " tree", "default", "rows.jsonl:2")
 
 
@@ -48,21 +58,23 @@ PROCESSORS = {
 }
 
 
+@pytest.mark.parametrize("choices", list(ROWS))
 @pytest.mark.parametrize("single", list(PROCESSORS))
 @pytest.mark.parametrize("scoring", ["letter", "loglik"])
 def test_scored_position_is_the_prompts_own_last_token(
-    tiny_tokenizer: Any, single: str, scoring: str
+    tiny_tokenizer: Any, single: str, scoring: str, choices: str
 ) -> None:
     tok = _with_post_processor(tiny_tokenizer, single)
     bos, eos = PROCESSORS[single]
-    text = render_prompt(ROW, scoring)
+    row = ROWS[choices]
+    text = render_prompt(row, scoring)
     plain = tok(text, add_special_tokens=False)["input_ids"]
     full = tok(text)["input_ids"]
     # the tokenizer really adds what this case says it adds
     assert (full[0] == tok.bos_token_id) == bos and (full[-1] == tok.eos_token_id) == eos
     expected = ([tok.bos_token_id] if bos else []) + plain
 
-    (enc,) = encode([ROW], tok, scoring)
+    (enc,) = encode([row], tok, scoring)
     if scoring == "letter":  # letters are scored after the prompt, plus a shared space token
         extra = enc.prompt_ids[len(expected) :]
         assert enc.prompt_ids[: len(expected)] == expected and len(extra) <= 1
@@ -70,7 +82,14 @@ def test_scored_position_is_the_prompts_own_last_token(
         expected = expected + extra
     else:
         assert enc.prompt_ids == expected
-        assert enc.option_ids is not None or enc.continuations is not None
+        # each choice is " " + choice, tokenised apart from the prompt, without special tokens
+        conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in row.choices]
+        if row is ROW:  # one distinct token each: scored at the last prompt token
+            assert [len(c) for c in conts] == [1, 1, 1]
+            assert enc.option_ids == [c[0] for c in conts] and enc.continuations is None
+        else:
+            assert min(len(c) for c in conts) >= 2
+            assert enc.continuations == conts and enc.option_ids is None
     assert tok.eos_token_id not in enc.prompt_ids
 
     batch = collate([enc], [0], tok.pad_token_id)
@@ -78,10 +97,14 @@ def test_scored_position_is_the_prompts_own_last_token(
     row, col = divmod(int(batch.last[0]), width)
     assert (row, col) == (0, len(expected) - 1)
     assert int(batch.input_ids[row, col]) == expected[-1]
-    if scoring == "loglik" and enc.continuations is not None:
-        # each choice continues right after the prompt's last token, not after an EOS
-        for j, cont in enumerate(enc.continuations):
-            assert batch.input_ids[j, : len(expected) + len(cont)].tolist() == expected + cont
+    if scoring == "loglik" and row is MULTI:
+        # one row per choice, each continuing right after the prompt's last token, not
+        # after an EOS; the rest of the row is padding
+        assert batch.input_ids.shape[0] == len(conts)
+        for j, cont in enumerate(conts):
+            n = len(expected) + len(cont)
+            assert batch.input_ids[j, :n].tolist() == expected + cont
+            assert batch.attention_mask[j].tolist() == [1] * n + [0] * (width - n)
 
 
 @pytest.mark.parametrize("single", list(PROCESSORS))
