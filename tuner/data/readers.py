@@ -153,7 +153,11 @@ def csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """A header row, then one row per record; choices as a JSON list or one column each."""
     from tuner.data.sources import _CHOICES_KEYS
 
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    text = _read_text(path)
+    nul = text.find("\x00")
+    if nul >= 0:  # csv refuses it before Python 3.11 and keeps it after: refused everywhere
+        raise _error(f"{path}:{text.count(chr(10), 0, nul) + 1}: not valid CSV (a NUL byte)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     line = 0  # the last line of the last complete record
     try:
         fields = list(reader.fieldnames or [])
