@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.realsize", description=package.__doc__.split("\n\n")[0]
     )
-    ap.add_argument("--pairs", type=int, default=3, help="base/roma pairs of vLLM engine starts.")
+    ap.add_argument("--pairs", type=int, default=6, help="base/roma pairs of vLLM engine starts.")
     ap.add_argument("--cache", type=Path, default=CACHE, help="Where the checkpoint is kept.")
     ap.add_argument("--work", type=Path, default=None, help="Scratch folder (default: temp dir).")
     ap.add_argument("--out", type=Path, default=OUT, help="Results JSON.")

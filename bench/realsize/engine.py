@@ -42,6 +42,9 @@ def proc_status() -> dict[str, int]:
 
 def main(model: str, out: str, deltas: str | None = None) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # a fixed 1 GiB KV cache, as `make` sets it; without it vLLM's CPU worker reserves 92 %
+    # of the machine's memory and refuses to start while other work holds more than 8 %
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import vllm.v1.worker.cpu_model_runner as runner
     from vllm import LLM, SamplingParams
 
