@@ -17,6 +17,9 @@ pins exactly that; the HF parity test then serves DeepSeek with that one op swit
 vLLM's own native implementation (``custom_ops: ["-rotary_embedding"]``), where everything
 else, deltas included, must match transformers; and the default kernels are checked against
 vLLM serving a checkpoint with the deltas merged in (same kernels, same weights: identical).
+Float32 DeepSeek engines get the ``CPU_MLA`` attention backend, as ``roma-tune eval`` asks
+(vLLM's default on AMX CPUs, ``AMX_MLA``, runs bfloat16 only); DeepSeek-V3 is also served in
+bfloat16 with vLLM's own choice of backend and checked against its merged checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ LOGPROB_ATOL = 2e-3  # float32 on both sides; differences come from kernel summa
 ROUTER_ATOL = 1e-4
 DEEPSEEK = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 NATIVE_ROPE = {"custom_ops": ["-rotary_embedding"]}  # vLLM's forward_native rope, not the kernel
+BF16_MLA = "DeepseekV3ForCausalLM"  # also served in bfloat16, with the backend vLLM picks
 
 
 def _hf_model(model_dir: Path, deltas: Path | None = None, scale: float = 1.0) -> Any:
@@ -118,6 +122,9 @@ def setup(tiny_model: Any, tiny_tokenizer: Any, tmp_path_factory: pytest.TempPat
             merged = write_merged_checkpoint(model_dir, read_deltas(deltas), tmp / f"{arch}-merged")
             jobs[f"{arch}:merged"] = {**common, "model": str(merged)}
             jobs[f"{arch}:native-rope"] = {**jobs[arch], "compilation_config": NATIVE_ROPE}
+        if arch == BF16_MLA:  # vLLM's own MLA backend for bfloat16 (AMX_MLA on AMX CPUs)
+            jobs[f"{arch}:bf16"] = {**jobs[arch], "dtype": "bfloat16", "probe_routers": False}
+            jobs[f"{arch}:bf16-merged"] = {**jobs[f"{arch}:merged"], "dtype": "bfloat16"}
     olmoe = jobs["OlmoeForCausalLM"]
     jobs["scale0"] = {**olmoe, "extra": {**olmoe["extra"], "roma_scale": 0.0}}
     jobs["env"] = {  # ROMA_DELTAS / ROMA_SCALE instead of the extra config
@@ -226,6 +233,31 @@ def test_vllm_cpu_rope_kernel_mishandles_mla_queries() -> None:
 def test_vllm_roma_matches_vllm_merged_checkpoint(arch: str, vllm_results: dict) -> None:
     merged = _ok(vllm_results[f"{arch}:merged"], f"{arch} merged")
     _assert_same(vllm_results[arch], merged, arch, atol=1e-5)
+
+
+@pytest.mark.vllm
+def test_vllm_roma_matches_vllm_merged_checkpoint_in_bfloat16(vllm_results: dict) -> None:
+    """bfloat16 MLA runs on the backend vLLM picks for this CPU (AMX_MLA where AMX is, CPU_MLA
+    elsewhere: roma-vllm asks for nothing), and the deltas reach it exactly."""
+    merged = _ok(vllm_results[f"{BF16_MLA}:bf16-merged"], "bf16 merged")
+    _assert_same(vllm_results[f"{BF16_MLA}:bf16"], merged, f"{BF16_MLA} bf16", atol=1e-5)
+    assert vllm_results[f"{BF16_MLA}:bf16"]["attention_backend"] is None
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("arch", DEEPSEEK)
+def test_float32_mla_is_served_with_the_backend_roma_vllm_asks_for(
+    arch: str, vllm_results: dict
+) -> None:
+    """The float32 DeepSeek jobs above ran with CPU_MLA, the backend that runs float32 on
+    every CPU (see tests/test_attention_backend.py)."""
+    from vllm.platforms import current_platform
+
+    from roma_vllm.attention_backend import FLOAT32_MLA_BACKEND
+
+    want = FLOAT32_MLA_BACKEND if current_platform.is_cpu() else None
+    for job in (arch, f"{arch}:merged", f"{arch}:native-rope"):
+        assert _ok(vllm_results[job], job)["attention_backend"] == want, job
 
 
 @pytest.mark.vllm
