@@ -253,6 +253,8 @@ def _model_config(model_dir: Path) -> Any:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_plugin_merges_into_the_unquantized_routers(build: Any, fmt: str, tmp_path: Path) -> None:
+    """The plugin's stream: routers base + delta, everything else as stored, and the same
+    tensors vLLM reads (``--load-format auto``) from the checkpoint ``roma-tune merge`` writes."""
     ckpt = build(fmt)
     deltas = handmade_deltas(ckpt, noise=0.3)
     path = write_handmade_deltas(ckpt, tmp_path / "d.safetensors", noise=0.3)
@@ -271,6 +273,19 @@ def test_plugin_merges_into_the_unquantized_routers(build: Any, fmt: str, tmp_pa
             assert not torch.equal(merged[name], tensor)
         else:  # quantized weights, scales, zero points: exactly as stored
             assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor)
+    # what an engine without the plugin reads from the checkpoint `roma-tune merge` writes
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader import DefaultModelLoader
+
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(ckpt), "--deltas", str(path), "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert load_config(out)["quantization_config"] == load_config(ckpt)["quantization_config"]
+    auto = DefaultModelLoader(LoadConfig(load_format="auto"))
+    reference = dict(auto.get_all_weights(_model_config(out), SimpleNamespace()))
+    assert reference.keys() == merged.keys()
+    for name, tensor in reference.items():
+        assert merged[name].dtype == tensor.dtype and torch.equal(merged[name], tensor), name
 
 
 # -- a quantized router is refused, by the plugin and by roma-tune -----------------------------
