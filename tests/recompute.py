@@ -6,7 +6,8 @@ the plugin and ``merge`` use), every letter is scored by the summed log-likeliho
 ``" " + letter`` after the default letter prompt, and the best letter is the prediction.
 (The tuner scores the letter token after a shared space token, which ranks the letters the
 same way.) Rows whose best two letters are closer than ``TIE`` are reported apart: the
-tuner's batched forward may order them either way.
+tuner's batched forward may order them either way, so a reported accuracy may differ by
+such rows, but by at most ``MAX_TIE_DISAGREEMENTS`` of them however many there are.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from typing import Any
 
 import torch
 
-TIE = 1e-4
+TIE = 1e-4  # log-likelihood margin under which two letters count as a near-tie
+# Batched and unbatched float32 forwards differ by ~1e-6 in a log-likelihood: a near-tie
+# flips rarely. More flips than this is a scoring bug, not rounding (and a model whose rows
+# are all near-ties must not match any accuracy).
+MAX_TIE_DISAGREEMENTS = 2
 
 
 @dataclass
@@ -32,9 +37,11 @@ class Recomputed:
         return sum(self.correct) / len(self.correct)
 
     def matches(self, reported: float) -> bool:
-        """``reported`` is this accuracy, up to the rows that are near-ties."""
-        n, ties = len(self.correct), sum(self.near_tie)
-        return abs(reported - self.accuracy) <= ties / n + 1e-6  # reported in float32
+        """``reported`` is this accuracy, up to rows that are near-ties, and at most
+        ``MAX_TIE_DISAGREEMENTS`` of those."""
+        n = len(self.correct)
+        allowed = min(sum(self.near_tie), MAX_TIE_DISAGREEMENTS)
+        return abs(reported - self.accuracy) <= allowed / n + 1e-6  # reported in float32
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
