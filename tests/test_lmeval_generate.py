@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lm_eval  # make setup installs it: a broken install fails these tests, not skips them
 import pytest
+from tuner_fixtures import tiny_dir  # noqa: F401
+from typer.testing import CliRunner
 
-pytest.importorskip("lm_eval", reason="lm-eval is installed by `make setup` (extra lm-eval)")
-
-from tuner_fixtures import tiny_dir  # noqa: E402, F401
-from typer.testing import CliRunner  # noqa: E402
-
-from roma_vllm.testing.lm_eval_cli import run_lm_eval  # noqa: E402
-from tuner.cli.app import app  # noqa: E402
-from tuner.data.sources import load_examples  # noqa: E402
+from roma_vllm.testing.lm_eval_cli import run_lm_eval
+from tuner.cli.app import app
+from tuner.data.sources import load_examples
 
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
@@ -116,8 +114,6 @@ def test_hf_backend_refuses_generate_until_rows(tiny_dir: Path, tmp_path: Path) 
 
 def _task_yaml(folder: Path, data: Path) -> Path:
     """A task over ``data`` that includes lm-eval's gsm8k.yaml, with 12 new tokens at most."""
-    import lm_eval
-
     gsm8k = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
     folder.mkdir(exist_ok=True)
     path = folder / "roma_gsm8k.yaml"

@@ -11,15 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lm_eval  # noqa: F401  make setup installs it: a broken install fails, not skips
 import pytest
+from tuner_fixtures import tiny_dir  # noqa: F401
 
-pytest.importorskip("lm_eval", reason="lm-eval is installed by `make setup` (extra lm-eval)")
-
-from tuner_fixtures import tiny_dir  # noqa: E402, F401
-
-from tuner.data.prompts import EncodeError, encode  # noqa: E402
-from tuner.data.rendered import pair_ids  # noqa: E402
-from tuner.data.sources import DataError, Example, load_examples  # noqa: E402
+from tuner.data.prompts import EncodeError, encode
+from tuner.data.rendered import pair_ids
+from tuner.data.sources import DataError, Example, load_examples
 
 
 def _parquet(path: Path, rows: list[dict[str, Any]]) -> Path:

