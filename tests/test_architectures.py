@@ -103,3 +103,62 @@ def test_num_experts_reads_every_spelling_and_text_config() -> None:
 def test_architecture_of_without_architectures() -> None:
     with pytest.raises(UnsupportedModelError, match="no 'architectures' entry"):
         architecture_of({"model_type": "olmoe"})
+
+
+def test_num_experts_reads_ernie_and_dbrx_spellings() -> None:
+    assert num_experts({"moe_num_experts": 64}) == 64  # ERNIE 4.5
+    assert num_experts({"ffn_config": {"moe_num_experts": 16}}) == 16  # DBRX
+    assert num_experts({"num_experts": True}) is None  # a flag, not a count
+
+
+def test_discovery_agrees_with_the_table_on_the_tiny_checkpoints(tiny_model: Any) -> None:
+    """Routers found from the model (meta-device build) == the exact name patterns kept for
+    the original architectures: shared-expert gates and correction biases left out."""
+    from roma_vllm.checkpoint import checkpoint_shapes, load_config
+
+    for arch in ALL_ARCHITECTURES:
+        model = tiny_model(arch)
+        config = load_config(model)
+        shapes = checkpoint_shapes(model)
+        by_name = find_routers(arch, shapes, num_experts(config))
+        assert find_routers(arch, shapes, num_experts(config), config=config) == by_name, arch
+    v3 = checkpoint_shapes(tiny_model("DeepseekV3ForCausalLM"))
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in v3  # carried, never tuned
+
+
+def test_names_map_both_ways_through_transformers_conversion() -> None:
+    from roma_vllm.discovery import discovered
+    from roma_vllm.hf import checkpoint_to_memory, memory_to_checkpoint
+    from roma_vllm.testing.matrix import row_by_architecture, row_config
+
+    # Phi-3.5-MoE: transformers 5 keeps the router at mlp.router in memory
+    config = row_config(row_by_architecture("PhiMoEForCausalLM"))
+    routers, model = discovered(config)
+    weight = routers[0].weight
+    assert weight == "model.layers.0.mlp.router.weight"
+    saved = memory_to_checkpoint(model, [weight])[weight]
+    assert saved == "model.layers.0.block_sparse_moe.gate.weight"
+    assert checkpoint_to_memory(model, [saved]) == {saved: weight}
+    # no such tensor: None, not a guess
+    assert checkpoint_to_memory(model, ["model.layers.0.nothing.weight"]) == {
+        "model.layers.0.nothing.weight": None
+    }
+
+
+def test_discovered_router_missing_from_the_checkpoint(tiny_model: Any) -> None:
+    from roma_vllm.checkpoint import checkpoint_shapes, load_config
+
+    model = tiny_model("MixtralForCausalLM")
+    config = load_config(model)
+    shapes = {
+        n.replace("gate.weight", "gating.weight"): s for n, s in checkpoint_shapes(model).items()
+    }
+    with pytest.raises(
+        UnsupportedModelError,
+        match=re.escape(
+            "no MoE routers found for architecture 'MixtralForCausalLM': the model's routers "
+            "(e.g. model.layers.0.mlp.gate.weight, saved as "
+            "model.layers.0.block_sparse_moe.gate.weight) are not in the checkpoint"
+        ),
+    ):
+        find_routers("MixtralForCausalLM", shapes, 8, config=config)

@@ -250,27 +250,46 @@ def build_tiny_model(
     **overrides: Any,
 ) -> Path:
     """Write a tiny random ``architecture`` checkpoint (+ tokenizer) to ``out_dir``."""
-    import transformers
-
-    from roma_vllm.architectures import find_routers, num_experts
-    from roma_vllm.checkpoint import checkpoint_shapes
-    from roma_vllm.hf import hf_parameter
-
-    out = Path(out_dir)
     tok = tokenizer or train_tokenizer(corpus())
     ids = dict(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     config = tiny_config(architecture, vocab_size=len(tok), **{**ids, **overrides})
+    return save_tiny_model(out_dir, config, tok, seed=seed, dtype=dtype, router_std=router_std)
+
+
+def save_tiny_model(
+    out_dir: str | os.PathLike,
+    config: Any,
+    tokenizer: Any,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    router_std: float = 1.0,
+) -> Path:
+    """Build ``config``'s model with transformers' own random initialisation, redraw its
+    routers (found from the model: :mod:`roma_vllm.discovery`) with spread, and save it with
+    ``save_pretrained`` next to ``tokenizer``."""
+    from roma_vllm.discovery import model_class, routers_of
+    from roma_vllm.hf import memory_to_checkpoint
+
+    out = Path(out_dir)
     torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).to(dtype).eval()
-    model.save_pretrained(out)  # first save gives checkpoint names, then redraw routers
-    routers = find_routers(architecture, checkpoint_shapes(out), num_experts(config))
+    model = model_class(config)(config).to(dtype).eval()
+    params = dict(model.named_parameters())
+    names = [p for r in routers_of(config) for p in r.params]
+    saved = memory_to_checkpoint(model, names)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for ckpt_name in routers:
-            param = hf_parameter(model, ckpt_name)
-            param.copy_(torch.randn(param.shape, generator=g) * router_std / HIDDEN**0.5 * 4)
+    hidden = params[names[0]].shape[-1]
+    with torch.no_grad():  # in checkpoint-name order, as the checkpoints were always drawn
+        for name in sorted(names, key=lambda n: (layer_key(saved[n]), saved[n])):
+            param = params[name]
+            param.copy_(torch.randn(param.shape, generator=g) * router_std / hidden**0.5 * 4)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
+
+
+def layer_key(name: str) -> int:
+    from roma_vllm.discovery import layer_of
+
+    return layer_of(name) or 0

@@ -2,15 +2,19 @@
 
 The routing vector of a sample is the softmax over all experts of the router logits at its
 last prompt token, concatenated over the tuned layers (ascending); ``log-probs`` takes its
-logarithm instead (``--routing-vector``). It is read from the
-router modules' own outputs in the same forward pass that computes the task loss, so when
+logarithm instead (``--routing-vector``). It is computed from the
+router modules' own inputs in the same forward pass that computes the task loss, so when
 the routers require grad the vector carries gradient to every tuned router (the authors'
 code read it from a file and the regulariser did nothing).
 
-Every supported router module returns ``(logits, scores, indices)`` with logits of shape
-``(tokens, experts)`` over the flattened ``(rows * seq)`` tokens, so the last prompt token of
-row ``r`` is flat index ``r * seq + pos``. The softmax is used for every architecture, also
-for DeepSeek-V3 whose selection uses sigmoid scores: it is a fixed, smooth map of the logits.
+Router modules differ in what they return (plain logits, ``(logits, scores, indices)``,
+Llama 4's ``(scores, logits)``, sigmoid scores, grouped top-k), so the capture does not read
+their output: it takes the router's input ``x`` (flattened ``(rows * seq)`` tokens, so the
+last prompt token of row ``r`` is flat index ``r * seq + pos``) and computes the logits
+``x @ W.T (+ b)`` from the router's own weight, at the chosen tokens only. That is what
+every router computes first, and gradient reaches ``W`` the same way. The softmax is used
+for every architecture, also where selection uses sigmoid scores: it is a fixed, smooth map
+of the logits.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ class RoutingCapture:
         for layer, module in self.tm.router_modules.items():
             hook = self._hook(layer)
             # prepend: see the router's own float32 output before any other hook
-            self._handles.append(module.register_forward_hook(hook, prepend=True))
+            self._handles.append(
+                module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -51,12 +57,16 @@ class RoutingCapture:
         self._handles.clear()
 
     def _hook(self, layer: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if self.positions is None:
                 return
-            logits = output[0] if isinstance(output, (tuple, list)) else output
-            logits = logits.reshape(-1, logits.shape[-1])
-            self.logits[layer] = logits.index_select(0, self.positions.to(logits.device))
+            x = args[0] if args else next(iter(kwargs.values()))
+            weight = module.weight
+            bias = getattr(module, "bias", None)
+            bias = bias if torch.is_tensor(bias) and bias.shape == weight.shape[:1] else None
+            x = x.reshape(-1, weight.shape[-1]).index_select(0, self.positions.to(x.device))
+            # the float32 pre-hook of tuned routers runs after this one: cast here too
+            self.logits[layer] = torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
 
         return hook
 
