@@ -146,7 +146,10 @@ class RomaModelLoader(DefaultModelLoader):
         try:
             # a quantized checkpoint's routers must be plain float tensors (roma_vllm.quantization)
             check_routers_unquantized(hf_config, shapes, self.deltas.tensors, model_config.model)
-            routers = find_routers(self.deltas.architecture, shapes, num_experts(hf_config))
+            # the served config's own routers (meta-device build of its transformers class)
+            routers = find_routers(
+                self.deltas.architecture, shapes, num_experts(hf_config), config=hf_config
+            )
         except (UnsupportedModelError, QuantizedRouterError) as e:
             raise RomaLoadError(f"{self.where}: {_one_line(str(e))}") from None
         for name in self.deltas.tensors:

@@ -33,7 +33,7 @@ def handmade_deltas(
     """
     config = load_config(model_dir)
     arch = architecture_of(config)
-    routers = find_routers(arch, checkpoint_shapes(model_dir), num_experts(config))
+    routers = find_routers(arch, checkpoint_shapes(model_dir), num_experts(config), config=config)
     wanted = set(layers) if layers is not None else None
     names = [n for n, layer in routers.items() if wanted is None or layer in wanted]
     base = checkpoint_tensors(model_dir, names)

@@ -213,7 +213,8 @@ def load_model(
     config = load_config(ckpt)
     arch = architecture_of(config)
     check_routers_unquantized(config, checkpoint_shapes(ckpt), where=str(ckpt))
-    routers = find_routers(arch, checkpoint_shapes(ckpt), num_experts(config))
+    # found from the model itself (roma_vllm.discovery), matched to checkpoint names
+    routers = find_routers(arch, checkpoint_shapes(ckpt), num_experts(config), config=config)
     moe_layers = router_layers(routers)
     tuned_layers = parse_layers(layers, moe_layers)
     tuned_names = [n for n, layer in routers.items() if layer in tuned_layers]
@@ -295,7 +296,8 @@ def load_model(
         tuned=tuned,
         router_modules=dict(sorted(modules.items())),
         base=base,
-        num_experts=int(num_experts(config) or checkpoint_shapes(ckpt)[tuned_names[0]][0]),
+        # the router's rows: routed experts, plus the "zero" experts some routers also score
+        num_experts=int(checkpoint_shapes(ckpt)[tuned_names[0]][0]),
         fingerprint=checkpoint_fingerprint(ckpt, list(routers)),
         dtype=dtype,
         device_map=_placement(hf) if device_map else None,
