@@ -109,7 +109,9 @@ class VllmServer:
 
     Use as a context manager: entering waits until ``/health`` answers (or raises with the
     log's tail if the server exits first); leaving stops the server and its engine
-    processes. The combined stdout/stderr goes to ``log_path``.
+    processes. The combined stdout/stderr goes to ``log_path``. MLA models served in float32
+    on CPU get ``--attention-backend CPU_MLA`` unless ``args`` name a backend, as ``roma-tune
+    eval`` asks (:mod:`roma_vllm.attention_backend`).
     """
 
     def __init__(
@@ -122,6 +124,12 @@ class VllmServer:
     ) -> None:
         import tempfile
 
+        from roma_vllm.attention_backend import CLI_FLAG, attention_backend_args
+
+        args = list(args)
+        if CLI_FLAG not in args:  # as `roma-tune eval` asks (MLA in float32 on CPU: CPU_MLA)
+            dtype = args[args.index("--dtype") + 1] if "--dtype" in args else None
+            args += attention_backend_args(model, dtype, "--trust-remote-code" in args)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.command = [
