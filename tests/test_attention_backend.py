@@ -99,7 +99,11 @@ def test_other_cases_keep_vllms_choice_and_it_runs_the_dtype(
 def test_uses_mla_follows_vllm(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(ab.uses_mla(tiny_model(arch)) for arch in MLA)
     assert not ab.uses_mla(tiny_model("OlmoeForCausalLM"))
-    monkeypatch.setenv("VLLM_MLA_DISABLE", "1")  # vLLM then serves MLA models without MLA
+    import vllm.envs
+
+    # VLLM_MLA_DISABLE=1: vLLM serves MLA models without MLA (set as an attribute: an engine
+    # started in this process may have frozen vLLM's environment cache)
+    monkeypatch.setattr(vllm.envs, "VLLM_MLA_DISABLE", True, raising=False)
     assert not ab.uses_mla(tiny_model(MLA[0]))
 
 
