@@ -68,7 +68,7 @@ def run_job(job: dict) -> dict:
             load_format=job.get("load_format", "auto"),
             model_loader_extra_config=job.get("extra") or {},
             dtype=dtype,
-            attention_backend=backend,
+            **({"attention_backend": backend} if backend else {}),
             enforce_eager=True,
             max_model_len=256,
             seed=0,
