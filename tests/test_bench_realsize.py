@@ -82,3 +82,11 @@ def test_one_row_per_cpu_class_this_run_first():
     # measured on an AMX machine: its own row replaces the reported one
     amx_rows = class_rows(_result("AMX", 1.01, 1.6), GOALS)[2:]
     assert len(amx_rows) == 1 and "this run" in amx_rows[0] and "epoch / forward" in amx_rows[0]
+
+
+def test_results_from_before_the_flags_were_recorded_say_so():
+    old = _result("AVX-512 BF16", 0.934, 1.42)
+    del old["machine"]["cpu_flags"], old["machine"]["cpu_class"]
+    row = measured_row(old)
+    assert row["cpu_class"] == "not recorded"
+    assert row["machine"] == "AMD EPYC (CPU flags not recorded by that run)"

@@ -33,11 +33,15 @@ REPORTED: list[dict[str, Any]] = [
 def measured_row(res: dict[str, Any]) -> dict[str, Any]:
     """This run's row, from a summarised results file."""
     m, v, t = res["machine"], res["vllm"], res["tune"]
-    flags = m.get("cpu_flags") or {}
-    have = ", ".join(f for f, on in flags.items() if on) or "flags not recorded"
+    flags = m.get("cpu_flags")
+    if flags is None:  # results from before the flags were recorded
+        desc = f"{m.get('cpu')} (CPU flags not recorded by that run)"
+    else:
+        have = ", ".join(f for f, on in flags.items() if on) or "none of " + ", ".join(flags)
+        desc = f"{m.get('cpu')} ({have}; torch {m.get('torch_cpu_capability')})"
     return {
         "cpu_class": m.get("cpu_class", "not recorded"),
-        "machine": f"{m.get('cpu')} ({have}; torch {m.get('torch_cpu_capability')})",
+        "machine": desc,
         "source": f"this run, {res['date']}",
         "model_load_ratio": v["model_load_s"]["ratio_median"],
         "model_load_ratios": v["model_load_s"]["ratios"],
