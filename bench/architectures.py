@@ -5,7 +5,10 @@ transformers and vLLM both know): build the tiny checkpoint, find its routers, t
 ``roma-tune run`` (a few steps), check the plugin's loader merge (base + delta for exactly the
 router tensors), then serve it with vLLM (``--load-format roma``, all engines in one
 subprocess through tests/vllm_jobs.py) and compare vLLM's greedy tokens with transformers'
-with the deltas added. Not part of CI: ~10-20 minutes on 2 cores.
+with the deltas added. Not part of CI: about a minute per row on a quiet 2-core machine.
+
+``python -m bench.architectures [ARCH ...]`` (``make archs ARCHS="..."``) runs only those rows;
+the table says which rows were not run.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def tune_row(arch: str, work: Path, tok: Any, data: Path) -> dict[str, Any]:
         return {**row, "routers_error": _one_line(e)}
     out = work / f"{arch}-run"
     args = ["run", "--no-progress", "--model", str(model), "--data", str(data), "--out", str(out)]
-    args += ["--epochs", "2", "--batch-size", "4", "--lr", "3e-2", "--layers", "all"]
+    args += ["--epochs", "1", "--batch-size", "4", "--lr", "3e-2", "--layers", "all"]
     args += ["--dtype", "float32", "--scoring", "loglik", "--warmup", "0"]
     result = CliRunner().invoke(app, args)
     if result.exit_code != 0:
@@ -119,7 +122,7 @@ def serve_rows(rows: list[dict[str, Any]], prompts: list[list[int]], work: Path)
             r["parity"] = "transformers: " + _one_line(e)
 
 
-def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
+def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) -> None:
     import transformers
     import vllm
 
@@ -131,7 +134,7 @@ def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
         "Rows: every architecture in transformers' causal-LM (and image-text-to-text) "
         "auto-mapping that vLLM's registry knows and whose config has routed experts. Each: a "
         "tiny random checkpoint from its own config class (hidden 128, 4 layers, 8 experts, "
-        "top-2), routers found from the model, `roma-tune run --epochs 2 --scoring loglik`, the "
+        "top-2), routers found from the model, `roma-tune run --epochs 1 --scoring loglik`, the "
         "plugin's loader merge checked (base + delta on exactly the routers), then vLLM "
         "(CPU, float32, `--load-format roma`) against transformers with the deltas added "
         f"({MAX_TOKENS} greedy tokens, 4 prompts).",
@@ -155,6 +158,8 @@ def write_table(rows: list[dict[str, Any]], seconds: float) -> None:
             r.get("parity", "-"),
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    if not_run:
+        lines += ["", f"Not run this time ({len(not_run)}): " + ", ".join(not_run) + "."]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
 
@@ -173,12 +178,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_jsonl(work / "train.jsonl", mc_rows(8, seed=1))
+        every = [row.architecture for row in matrix_rows()]
+        chosen = [a for a in every if a in sys.argv[1:]] if sys.argv[1:] else every
+        not_run = [a for a in every if a not in chosen]
         rows = []
-        for row in matrix_rows():
-            rows.append(tune_row(row.architecture, work, tok, data))
+        for arch in chosen:
+            rows.append(tune_row(arch, work, tok, data))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "model"}), flush=True)
+            write_table(rows, time.perf_counter() - t0, not_run)  # partial, in case of a stop
         serve_rows(rows, prompts, work)
-    write_table(rows, time.perf_counter() - t0)
+    write_table(rows, time.perf_counter() - t0, not_run)
     print(f"wrote {OUT}")
 
 

@@ -102,6 +102,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
     # the default is linear attention in every layer: keep one attention layer
     "GraniteMoeHybridForCausalLM": {"layer_types": ["linear_attention", "attention"] * 2},
     "JambaForCausalLM": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    # vLLM reads head_dim, which this config class does not define
+    "Glm4MoeForCausalLM": {"head_dim": 64},
 }
 
 
