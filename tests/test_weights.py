@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from conftest import ALL_ARCHITECTURES, stored_tensors
+from conftest import ALL_ARCHITECTURES
 from safetensors.torch import save_file
 
-import tuner.model.load
+import tuner.model.weights
 from roma_vllm.checkpoint import checkpoint_shapes, safetensors_files
 from tuner.model.load import load_model
 from tuner.model.weights import SEQUENTIAL, pread_state_dict
@@ -37,16 +36,29 @@ class _CountedSlice:
         return getattr(self._inner, attr)
 
 
+class _CountedHandle:
+    """A ``safe_open`` handle whose slices record what is read through them."""
+
+    def __init__(self, inner: Any, reads: list[str]) -> None:
+        self._inner, self._reads = inner, reads
+
+    def get_slice(self, name: str) -> _CountedSlice:
+        return _CountedSlice(self._inner.get_slice(name), name, self._reads)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+
 def _spy_pread(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the tensors that load_model reads through pread_state_dict, in order."""
+    """Names of the tensors read through ``pread_state_dict``'s slices, in order (spied at
+    its ``safe_open``, whichever loading path calls it)."""
     reads: list[str] = []
+    real = tuner.model.weights.safe_open
 
-    @contextmanager
-    def counted(ckpt: Path) -> Iterator[dict[str, Any]]:
-        with pread_state_dict(ckpt) as state:
-            yield {n: _CountedSlice(s, n, reads) for n, s in state.items()}
+    def counted(*args: Any, **kwargs: Any) -> _CountedHandle:
+        return _CountedHandle(real(*args, **kwargs), reads)
 
-    monkeypatch.setattr(tuner.model.load, "pread_state_dict", counted)
+    monkeypatch.setattr(tuner.model.weights, "safe_open", counted)
     return reads
 
 
@@ -115,14 +127,15 @@ def test_only_the_missing_experts_switch_is_retried(
     tm = load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False)
     assert calls == [True, False]
     assert sorted(set(reads)) == sorted(checkpoint_shapes(ckpt))
-    ref, mine = stored_tensors(ckpt), tm.model.state_dict()
-    assert set(ref) <= set(mine)
+    ref = cls.from_pretrained(ckpt, dtype=torch.float32).state_dict()  # transformers' own
+    mine = tm.model.state_dict()
+    assert sorted(mine) == sorted(ref)
     for name, value in ref.items():
         assert torch.equal(mine[name], value), name
 
-    def broken(ckpt: Path) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("pread bug: 'NoneType' object is not subscriptable")
 
-    monkeypatch.setattr(tuner.model.load, "pread_state_dict", broken)
+    monkeypatch.setattr(tuner.model.weights, "safe_open", broken)
     with pytest.raises(TypeError, match="pread bug: 'NoneType' object is not subscriptable"):
         load_model(str(ckpt), dtype="float32", device="cpu", train_routers=False)
