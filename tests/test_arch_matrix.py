@@ -114,16 +114,22 @@ def test_rows_the_generic_shrink_cannot_build(arch: str, built: Any) -> None:
 
 
 def _router_inputs(model: Any, modules: dict[int, Any], ids: torch.Tensor) -> dict[int, Any]:
-    """Each router module's input and output in one forward pass (independent hooks)."""
+    """Each router module's input and output in one forward pass (independent hooks); where
+    the module never runs (LongCat-Flash applies its classifier's weight with F.linear), the
+    input and output of the module that holds it."""
     seen: dict[int, Any] = {}
     handles = []
+    names = {id(m): n for n, m in model.named_modules()}
     for layer, module in modules.items():
+        parent = model.get_submodule(names[id(module)].rsplit(".", 1)[0])
+        for target, own in ((module, True), (parent, False)):
 
-        def hook(m: Any, args: tuple, kwargs: dict, out: Any, layer: int = layer) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
-            seen[layer] = (x.detach().float(), out)
+            def hook(m: Any, args: tuple, kwargs: dict, out: Any, layer=layer, own=own) -> None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                if own or layer not in seen:
+                    seen[layer] = (x.detach().float(), out)
 
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            handles.append(target.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             model(ids)

