@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from roma_vllm.deltas import atomic_write
+from roma_vllm.testing.machine import cpu_class, cpu_flags, cpu_model, read_cpuinfo
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -72,46 +73,8 @@ def write_readme_section(section: str, readme: Path = BENCH_README) -> Path:
 
 def cpu_name() -> str:
     """The CPU model from ``/proc/cpuinfo`` (``platform`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# the instruction sets that change which kernels torch (oneDNN) and vLLM's CPU backend run
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx2")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
-    """Which of ``CPU_FLAGS`` the CPU has, from the first ``flags`` line of ``/proc/cpuinfo``
-    (or of ``cpuinfo``); all False where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    have: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            have = set(value.split())
-            break
-    return {flag: flag in have for flag in CPU_FLAGS}
-
-
-def cpu_class(flags: dict[str, bool]) -> str:
-    """The class of x86 CPU that decides the bf16 kernels: ``AMX`` (bf16 tile matmuls),
-    ``AVX-512 BF16``, ``AVX-512``, ``AVX2``, else ``other``."""
-    if flags.get("amx_tile") and flags.get("amx_bf16"):
-        return "AMX"
-    if flags.get("avx512_bf16"):
-        return "AVX-512 BF16"
-    if flags.get("avx512f"):
-        return "AVX-512"
-    return "AVX2" if flags.get("avx2") else "other"
+    name = cpu_model(read_cpuinfo())
+    return name if name != "unknown" else platform.processor() or platform.machine()
 
 
 def memory_gib() -> float | None:

@@ -10,9 +10,6 @@ import pytest
 from scipy import stats
 
 from bench.common import (
-    CPU_FLAGS,
-    cpu_class,
-    cpu_flags,
     machine,
     machine_summary,
     mean_std,
@@ -20,6 +17,8 @@ from bench.common import (
     write_json,
     write_readme_section,
 )
+from roma_vllm.testing.machine import RELEVANT_FLAGS as CPU_FLAGS
+from roma_vllm.testing.machine import cpu_class, cpu_flags
 
 README = """# Benchmarks
 

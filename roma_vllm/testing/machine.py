@@ -28,11 +28,13 @@ def cpu_model(cpuinfo: str) -> str:
     return "unknown"
 
 
-def cpu_flags(cpuinfo: str) -> dict[str, bool]:
+def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
     """Which of :data:`RELEVANT_FLAGS` the first ``flags`` line of a ``/proc/cpuinfo`` text
-    lists (all False when there is none, e.g. on a non-x86 CPU)."""
+    lists (this machine's when ``cpuinfo`` is None; all False when there is none, e.g. on a
+    non-x86 CPU)."""
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     present: set[str] = set()
-    for line in cpuinfo.splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() == "flags":
             present = set(value.split())
@@ -40,7 +42,19 @@ def cpu_flags(cpuinfo: str) -> dict[str, bool]:
     return {flag: flag in present for flag in RELEVANT_FLAGS}
 
 
-def _read_cpuinfo() -> str:
+def cpu_class(flags: dict[str, bool]) -> str:
+    """The class of x86 CPU that decides the bf16 kernels: ``AMX`` (bf16 tile matmuls),
+    ``AVX-512 BF16``, ``AVX-512``, ``AVX2``, else ``other``."""
+    if flags.get("amx_tile") and flags.get("amx_bf16"):
+        return "AMX"
+    if flags.get("avx512_bf16"):
+        return "AVX-512 BF16"
+    if flags.get("avx512f"):
+        return "AVX-512"
+    return "AVX2" if flags.get("avx2") else "other"
+
+
+def read_cpuinfo() -> str:
     try:
         return CPUINFO.read_text(errors="replace")
     except OSError:  # not Linux
@@ -119,7 +133,7 @@ def report_lines(cpuinfo: str | None = None) -> list[str]:
     """The machine as a few lines: CPU model and flags, torch's capability, vLLM's choices."""
     import torch
 
-    text = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    text = read_cpuinfo() if cpuinfo is None else cpuinfo
     flags = " ".join(f"{f}={'yes' if v else 'no'}" for f, v in cpu_flags(text).items())
     lines = [
         f"CPU: {cpu_model(text)}; {flags}",
