@@ -33,8 +33,8 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not parallel"
 
-# Tensor/pipeline-parallel vLLM servers (tests/test_parallel_serving.py: 2-5 min on 2 cores;
-# not part of test/CI)
+# Tensor/pipeline/data/expert-parallel vLLM servers with the plugin (tests/test_parallel_serving.py:
+# five server starts, 10-18 min on 2 cores; not part of test/CI)
 test-parallel: setup
 	$(PY) -m pytest -q -m parallel
 

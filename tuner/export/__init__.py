@@ -1,4 +1,5 @@
-"""Outputs: the delta file and run records; merging deltas into a full checkpoint.
+"""Outputs: the delta file and run records; merging deltas into a full checkpoint; LoRA adapters.
 
-May import ``tuner.model`` and ``roma_vllm``.
+May import ``tuner.model`` and ``roma_vllm``; ``lora_check`` (the ``--data`` check of a
+truncated LoRA export) also reads rows with ``tuner.data``.
 """
