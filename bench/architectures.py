@@ -3,8 +3,8 @@
 For every row of :func:`roma_vllm.testing.matrix.matrix_rows` (the MoEs that the installed
 transformers and vLLM both know): build the tiny checkpoint, find its routers, tune them with
 ``roma-tune run`` (a few steps), check the plugin's loader merge (base + delta for exactly the
-router tensors), then serve it with vLLM (``--load-format roma``, all engines in one
-subprocess through tests/vllm_jobs.py) and compare vLLM's greedy tokens with transformers'
+router tensors), then serve it with vLLM (``--load-format roma``, a subprocess per row
+through tests/vllm_jobs.py) and compare vLLM's greedy tokens with transformers'
 with the deltas added. Not part of CI: about a minute per row on a quiet 2-core machine.
 
 ``python -m bench.architectures [ARCH ...]`` (``make archs ARCHS="..."``) runs only those rows;
@@ -81,45 +81,41 @@ def _pattern(name: str) -> str:
     return re.sub(r"\.layers\.\d+\.", ".layers.N.", name)
 
 
-def serve_rows(rows: list[dict[str, Any]], prompts: list[list[int]], work: Path) -> None:
-    """vLLM with the plugin for every tuned row (one subprocess), parity with transformers."""
+def serve_row(r: dict[str, Any], prompts: list[list[int]], work: Path) -> None:
+    """vLLM with the plugin for one tuned row, in its own subprocess (an engine that fails can
+    leave vLLM's process state broken for the next one), then parity with transformers."""
     from test_plugin_parity import _hf_model, hf_greedy
 
-    jobs = {
-        r["arch"]: {
-            "model": r["model"],
-            "load_format": "roma",
-            "extra": {"roma_deltas": r["deltas"]},
-            "prompts": prompts,
-            "max_tokens": MAX_TOKENS,
-        }
-        for r in rows
-        if r.get("loader") == "ok"
+    if r.get("loader") != "ok":
+        return
+    job = {
+        "model": r["model"],
+        "load_format": "roma",
+        "extra": {"roma_deltas": r["deltas"]},
+        "prompts": prompts,
+        "max_tokens": MAX_TOKENS,
     }
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    results_path = work / "results.json"
+    jobs_path, results_path = work / f"{r['arch']}-job.json", work / f"{r['arch']}-out.json"
+    jobs_path.write_text(json.dumps({"job": job}))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "vllm_jobs.py"), str(work / "jobs.json"), str(results_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=3600,
+        [sys.executable, str(REPO / "tests" / "vllm_jobs.py"), str(jobs_path), str(results_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for r in rows:
-        if r["arch"] not in jobs:
-            continue
-        res = results.get(r["arch"])
-        if res is None:
-            r["serve"] = f"vLLM process ended (rc {proc.returncode}) before this job"
-            continue
-        if not res["ok"]:
-            r["serve"] = "no: " + " ".join(res["error"].split())[:220]
-            continue
-        r["serve"] = "yes"
-        try:
-            hf = hf_greedy(_hf_model(Path(r["model"]), Path(r["deltas"])), prompts, MAX_TOKENS)
-            same = sum(a == b for a, b in zip(hf["tokens"], res["tokens"], strict=True))
-            r["parity"] = f"{same}/{len(prompts)} prompts same greedy tokens"
-        except Exception as e:
-            r["parity"] = "transformers: " + _one_line(e)
+    if not results_path.exists():
+        tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:]
+        r["serve"] = f"no: vLLM process died (rc {proc.returncode}): " + " ".join(tail)[:200]
+        return
+    res = json.loads(results_path.read_text())["job"]
+    if not res["ok"]:
+        r["serve"] = "no: " + " ".join(res["error"].split())[:220]
+        return
+    r["serve"] = "yes"
+    try:
+        hf = hf_greedy(_hf_model(Path(r["model"]), Path(r["deltas"])), prompts, MAX_TOKENS)
+        same = sum(a == b for a, b in zip(hf["tokens"], res["tokens"], strict=True))
+        r["parity"] = f"{same}/{len(prompts)} prompts same greedy tokens"
+    except Exception as e:
+        r["parity"] = "transformers: " + _one_line(e)
 
 
 def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) -> None:
@@ -136,7 +132,7 @@ def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) 
         "tiny random checkpoint from its own config class (hidden 128, 4 layers, 8 experts, "
         "top-2), routers found from the model, `roma-tune run --epochs 1 --scoring loglik`, the "
         "plugin's loader merge checked (base + delta on exactly the routers), then vLLM "
-        "(CPU, float32, `--load-format roma`) against transformers with the deltas added "
+        "(CPU, float32, `--load-format roma`, one subprocess per row) against transformers with the deltas added "
         f"({MAX_TOKENS} greedy tokens, 4 prompts).",
         "",
         "| architecture | router tensors | tuning | loader merge | vLLM CPU serves | parity |",
@@ -184,10 +180,9 @@ def main() -> None:
         rows = []
         for arch in chosen:
             rows.append(tune_row(arch, work, tok, data))
+            serve_row(rows[-1], prompts, work)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "model"}), flush=True)
             write_table(rows, time.perf_counter() - t0, not_run)  # partial, in case of a stop
-        serve_rows(rows, prompts, work)
-    write_table(rows, time.perf_counter() - t0, not_run)
     print(f"wrote {OUT}")
 
 

@@ -103,6 +103,10 @@ QUIRKS: dict[str, dict[str, Any]] = {
     # the default is linear attention in every layer: keep one attention layer
     "GraniteMoeHybridForCausalLM": {"layer_types": ["linear_attention", "attention"] * 2},
     "JambaForCausalLM": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "KimiLinearForCausalLM": {"layer_types": ["linear_attention", "full_attention"] * 2},
+    # vLLM's Llama 4 MoE applies the router weight on the input, only with top-1 (as Llama 4)
+    "Llama4ForCausalLM": {"num_experts_per_tok": 1},
+    "Llama4ForConditionalGeneration": {"num_experts_per_tok": 1},
     # vLLM reads head_dim, which this config class does not define
     "Glm4MoeForCausalLM": {"head_dim": 64},
 }

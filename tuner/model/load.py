@@ -264,6 +264,11 @@ def load_model(
         kwargs.pop("experts_implementation")
         hf = from_pretrained()
     hf.eval()
+    if hf.get_output_embeddings() is None:  # the task loss scores tokens with the LM head
+        raise UnsupportedModelError(
+            f"{arch}: transformers' {type(hf).__name__} exposes no output embeddings "
+            "(get_output_embeddings() is None), which tuning scores answers with"
+        )
     hf.requires_grad_(False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(ckpt), trust_remote_code=trust_remote_code
