@@ -19,6 +19,9 @@ One folder layout serves both loaders (each checked with its own loader in
   *in-memory* parameter names. transformers 5 routers are not ``nn.Linear`` (PEFT's
   ``target_modules`` refuses them), but PEFT's LoRA on a parameter wraps them. vLLM reads
   only ``r``, ``lora_alpha`` and the feature flags and ignores ``target_parameters``.
+* PEFT's renaming does not reach every architecture's routers (GraniteMoe's checkpoint
+  ``router.layer.weight`` is ``router.weight`` in memory): PEFT would load such an adapter
+  without applying it, so the export is refused (:mod:`tuner.export.lora_peft`).
 
 The delta file's metadata (base fingerprints included) and this export's record travel in
 the safetensors ``__metadata__`` (key ``roma``) and in ``roma_lora.json`` beside it, not in
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from roma_vllm import __version__
 from roma_vllm.checkpoint import load_config, resolve_checkpoint
 from roma_vllm.deltas import RouterDeltas, read_deltas
 from roma_vllm.errors import RomaError
+from tuner.export.lora_peft import check_peft_applies
 from tuner.export.merge import _move_into_place, check_against_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,11 +95,11 @@ def in_memory_names(checkpoint: Path, names: list[str]) -> dict[str, str]:
     PEFT's ``target_parameters`` matches), from a weightless (meta-device) model."""
     import transformers
 
+    from roma_vllm.discovery import meta_model
     from roma_vllm.hf import hf_parameter
 
-    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    # the checkpoint's own class: multimodal MoEs are no AutoModelForCausalLM
+    model = meta_model(transformers.AutoConfig.from_pretrained(str(checkpoint)))
     by_id = {id(p): n for n, p in model.named_parameters()}
     return {n: by_id[id(hf_parameter(model, n))] for n in names}
 
@@ -220,14 +225,23 @@ def export_lora(
         )
     targets = in_memory_names(checkpoint, names)
     config = adapter_config(r, [targets[n] for n in names], deltas.base_model)
-    _write(out_dir, tensors, config, record)
+
+    def peft_applies(adapter_dir: Path) -> None:
+        check_peft_applies(checkpoint, adapter_dir, targets, deltas.architecture)
+
+    _write(out_dir, tensors, config, record, peft_applies)
     return record
 
 
 def _write(
-    out_dir: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], record: dict
+    out_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    record: dict,
+    check: Callable[[Path], None],
 ) -> None:
-    """Assemble the folder beside ``out_dir`` and rename it into place (never half-written)."""
+    """Assemble the folder beside ``out_dir``, ``check`` it (PEFT must apply it) and rename
+    it into place (never half-written, never an adapter that PEFT would ignore)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -235,6 +249,7 @@ def _write(
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        check(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
