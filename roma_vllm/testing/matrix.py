@@ -104,6 +104,26 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "Llama4ForConditionalGeneration": {"num_experts_per_tok": 1},
     # vLLM reads head_dim, which this config class does not define
     "Glm4MoeForCausalLM": {"head_dim": 64},
+    # Keys that released config.json files carry and this config class does not define, but
+    # vLLM reads; the values are what transformers' model computes (which has no switch).
+    # MiniMax-M2: partial RoPE as `rotary_dim` (64 of 128; transformers turns it into
+    # partial_rotary_factor), sigmoid routing with a score-correction bias.
+    "MiniMaxM2ForCausalLM": {"rotary_dim": 32, "scoring_func": "sigmoid", "use_routing_bias": True},
+    # LongCat-Flash: both MLA LoRA scalings on, zero experts are identities
+    "LongcatFlashForCausalLM": {
+        "mla_scale_q_lora": True,
+        "mla_scale_kv_lora": True,
+        "zero_expert_type": "identity",
+    },
+    # Trinity (AFMoE): sigmoid scores renormalised over the top-k, one expert group
+    "AfmoeForCausalLM": {
+        "score_func": "sigmoid",
+        "route_norm": True,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    # Phi-3.5-MoE: biased attention and LM head (vLLM's model always builds those biases)
+    "PhiMoEForCausalLM": {"attention_bias": True, "lm_head_bias": True},
 }
 
 

@@ -286,7 +286,13 @@ def save_tiny_model(
         for name in sorted(names, key=lambda n: (layer_key(saved[n]), saved[n])):
             param = params[name]
             param.copy_(torch.randn(param.shape, generator=g) * router_std / hidden**0.5 * 4)
+    archs = list(config.architectures or [])
     model.save_pretrained(out)
+    if archs and model.config.architectures != archs:
+        # save_pretrained writes the class name; real checkpoints may spell it as vLLM's
+        # registry does (PhiMoEForCausalLM, ExaoneMoEForCausalLM), and vLLM matches it exactly
+        model.config.architectures = archs
+        model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
