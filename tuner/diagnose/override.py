@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from roma_vllm.architectures import UnsupportedModelError
+from tuner.model.routing import OverriddenOutput
 
 # edit(n, logits) -> None (leave this router alone) or (positions [P], new logits [P, E],
 # routing probabilities [P, E] or None for the softmax of the new logits)
@@ -84,6 +85,6 @@ class RouterOverride:
             logits[pos] = new_logits.to(logits.dtype)
             weights[pos] = top_w.to(weights.dtype)
             index[pos] = top_i.to(index.dtype)
-            return logits, weights, index
+            return OverriddenOutput((logits, weights, index))
 
         return hook

@@ -26,6 +26,13 @@ import torch
 from tuner.model.load import TunerModel
 
 
+class OverriddenOutput(tuple):
+    """A router's ``(logits, weights, indices)`` output in which some tokens' routing was
+    replaced after the router ran (:class:`tuner.diagnose.override.RouterOverride`). The
+    capture records these logits, not the ones it computes from the router's input: the
+    routing the rest of the model used is the replaced one."""
+
+
 class RoutingCapture:
     """Context manager: hooks on the tuned routers that keep the logits at chosen tokens.
 
@@ -55,6 +62,8 @@ class RoutingCapture:
                 self._handles.append(
                     target.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
                 )
+            # after the router ran (and after any override registered later with prepend)
+            self._handles.append(module.register_forward_hook(self._overridden(layer)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,6 +87,15 @@ class RoutingCapture:
             x = x.reshape(-1, weight.shape[-1]).index_select(0, self.positions.to(x.device))
             # the float32 pre-hook of tuned routers runs after this one: cast here too
             self.logits[layer] = torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+
+        return hook
+
+    def _overridden(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            if self.positions is None or not isinstance(output, OverriddenOutput):
+                return
+            logits = output[0].reshape(-1, output[0].shape[-1])
+            self.logits[layer] = logits.index_select(0, self.positions.to(logits.device))
 
         return hook
 
