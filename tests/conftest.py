@@ -113,8 +113,12 @@ def run_vllm_jobs(
     return run
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    """The machine's CPU flags and the kernels vLLM picks on it: failures depend on them."""
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The machine's CPU flags and the kernels vLLM picks on it: failures depend on them.
+    A summary section, not ``pytest_report_header``: ``make test`` runs ``pytest -q``,
+    which prints no header."""
     from roma_vllm.testing.machine import report_lines
 
-    return report_lines()
+    terminalreporter.section("machine")
+    for line in report_lines():
+        terminalreporter.write_line(line)
